@@ -1,0 +1,265 @@
+"""The one typed, validated configuration of a fedpeft run.
+
+Flower hands every app a flat ``run_config`` (``[tool.flwr.app.config]`` in
+``pyproject.toml``, nested tables flattened to ``section.key``, then overridden by
+``flwr run -c`` or ``fedpeft run --set``).  :meth:`RunConfig.from_run_config` is the
+only place in the code base that reads those raw keys: every other module receives
+the frozen dataclasses below.
+
+Validation happens once, before anything is trained: an unknown key names the key,
+suggests the closest valid one and lists them all; a bad value names the key and the
+allowed values or range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ConfigValue = bool | int | float | str
+
+
+class ConfigError(ValueError):
+    """A run-config key or value is invalid; the message names the key."""
+
+
+def _choices(*values: str) -> dict[str, Any]:
+    return {"choices": values}
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict[str, Any]:
+    return {"min": lo, "max": hi, "lo_open": lo_open}
+
+
+def did_you_mean(word: str, options: typing.Iterable[str]) -> str:
+    """A short ``did you mean 'x'?`` hint, or an empty string."""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def unknown_choice(key: str, value: object, options: typing.Iterable[str]) -> ConfigError:
+    """The error for a value outside a fixed or registered set of names."""
+    opts = sorted(options)
+    return ConfigError(
+        f"config key '{key}': unknown value {value!r}{did_you_mean(str(value), opts)} "
+        f"(valid: {', '.join(opts)})"
+    )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which pretrained backbone to load and how to tokenize for it."""
+
+    # "minilm" resolves the packaged all-MiniLM-L6-v2 folder; anything else is passed
+    # to ``from_pretrained`` as a local folder or a hub name.
+    name: str = "minilm"
+    max_length: int = field(default=64, metadata=_range(8, 4096))
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Fields of HF peft's ``LoraConfig`` reachable from the run config."""
+
+    r: int = field(default=8, metadata=_range(1, 4096))
+    alpha: float = field(default=16.0, metadata=_range(0.0, lo_open=True))
+    dropout: float = field(default=0.05, metadata=_range(0.0, 0.99))
+    target_modules: tuple[str, ...] = ("query", "value")
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    """Which parameter-efficient method trains (and travels); see ``fedpeft.models.methods``."""
+
+    method: str = "lora"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset source, server test split and the non-IID partitioning of the rest."""
+
+    # "bbc-news", "wordnet-nouns", a local .csv/.jsonl/.json/.parquet file, or a hub name.
+    dataset: str = "bbc-news"
+    text_column: str = "text"
+    label_column: str = "label"
+    # Keep only the N most frequent classes (0 = all); WordNet has 26 supersenses.
+    num_classes: int = field(default=0, metadata=_range(0))
+    # Seeded subsample of the whole dataset before splitting (0 = all); for tiny runs.
+    max_examples: int = field(default=0, metadata=_range(0))
+    test_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9, lo_open=True))
+    max_test_examples: int = field(default=0, metadata=_range(0))
+    partitioner: str = field(
+        default="dirichlet", metadata=_choices("iid", "dirichlet", "pathological", "shard")
+    )
+    # Dirichlet concentration: small = more skewed label distributions.
+    alpha: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
+    # Pathological partitioning: classes held by each client.
+    classes_per_client: int = field(default=2, metadata=_range(1))
+    # Shard partitioning: label-sorted shards per client.
+    shards_per_client: int = field(default=2, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on each client (and evaluation batch size on the server)."""
+
+    local_epochs: int = field(default=1, metadata=_range(1))
+    # Cap on optimizer steps per client per round (0 = no cap, run the epochs).
+    max_steps: int = field(default=0, metadata=_range(0))
+    batch_size: int = field(default=16, metadata=_range(1))
+    learning_rate: float = field(default=2e-3, metadata=_range(0.0, lo_open=True))
+    weight_decay: float = field(default=0.0, metadata=_range(0.0))
+    eval_batch_size: int = field(default=64, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Server aggregation: a registered name or an importable ``module:Class``."""
+
+    name: str = "fedavg"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, validated; built once by :meth:`from_run_config`."""
+
+    seed: int = 0
+    num_rounds: int = field(default=5, metadata=_range(1))
+    num_clients: int = field(default=10, metadata=_range(1))
+    fraction_train: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
+    min_train_clients: int = field(default=2, metadata=_range(1))
+    fraction_evaluate: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    round_timeout: float = field(default=3600.0, metadata=_range(0.0, lo_open=True))
+    # "auto" picks cuda > mps > cpu; or name one ("cpu", "cuda", "cuda:1", "mps").
+    device: str = "auto"
+    # Parent folder of the per-run results folder; relative paths resolve against
+    # the directory the launcher was started from.
+    results_dir: str = "results"
+    # Name of this run's folder under results_dir ("" = timestamp + config hash).
+    run_name: str = ""
+    # Seconds the server waits for all clients to announce themselves.
+    connect_timeout: float = field(default=600.0, metadata=_range(0.0, lo_open=True))
+    model: ModelConfig = ModelConfig()
+    peft: PeftConfig = PeftConfig()
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    strategy: StrategyConfig = StrategyConfig()
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_run_config(cls, raw: Mapping[str, ConfigValue]) -> RunConfig:
+        """Build and validate from Flower's flat run config (``section.key`` names).
+
+        Keys not given keep their defaults; an unknown key or a bad value raises
+        :class:`ConfigError` naming it.
+        """
+        schema = config_schema()
+        sections: dict[str, dict[str, Any]] = {}
+        top: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key not in schema:
+                raise ConfigError(
+                    f"unknown config key '{key}'{did_you_mean(key, schema)} "
+                    f"(valid keys: {', '.join(sorted(schema))})"
+                )
+            owner, fld = schema[key]
+            converted = _convert(key, fld, value)
+            if owner is cls:
+                top[fld.name] = converted
+            else:
+                sections.setdefault(_section_of(owner), {})[fld.name] = converted
+        for section, values in sections.items():
+            top[section] = dataclasses.replace(getattr(cls(), section), **values)
+        cfg = cls(**top)
+        cfg._check_cross_field()
+        return cfg
+
+    def _check_cross_field(self) -> None:
+        if self.min_train_clients > self.num_clients:
+            raise ConfigError(
+                f"config key 'min-train-clients' ({self.min_train_clients}) must not exceed "
+                f"'num-clients' ({self.num_clients})"
+            )
+        if not self.lora.target_modules:
+            raise ConfigError("config key 'lora.target-modules' must name at least one module")
+        dev = self.device
+        if not (dev in ("auto", "cpu", "mps", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise ConfigError(
+                f"config key 'device': unknown value {dev!r} (valid: auto, cpu, cuda, cuda:N, mps)"
+            )
+
+    def to_run_config(self) -> dict[str, ConfigValue]:
+        """The flat Flower run config that rebuilds this object (round trip)."""
+        out: dict[str, ConfigValue] = {}
+        for key, (owner, fld) in config_schema().items():
+            obj: Any = self if owner is RunConfig else getattr(self, _section_of(owner))
+            value = getattr(obj, fld.name)
+            out[key] = ",".join(value) if isinstance(value, tuple) else value
+        return out
+
+
+# ---------------------------------------------------------------------- schema
+_SECTIONS: dict[str, type] = {}
+
+
+def _section_of(owner: type) -> str:
+    return next(name for name, cls in _SECTIONS.items() if cls is owner)
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def config_schema() -> dict[str, tuple[type, dataclasses.Field[Any]]]:
+    """Every valid flat key -> (dataclass that owns it, its field)."""
+    if not _SECTIONS:
+        hints = typing.get_type_hints(RunConfig)
+        for f in dataclasses.fields(RunConfig):
+            if dataclasses.is_dataclass(hints[f.name]):
+                _SECTIONS[f.name] = hints[f.name]
+    schema: dict[str, tuple[type, dataclasses.Field[Any]]] = {}
+    for f in dataclasses.fields(RunConfig):
+        if f.name not in _SECTIONS:
+            schema[_key(f.name)] = (RunConfig, f)
+    for section, owner in _SECTIONS.items():
+        for f in dataclasses.fields(owner):
+            schema[f"{section}.{_key(f.name)}"] = (owner, f)
+    return schema
+
+
+def _convert(key: str, fld: dataclasses.Field[Any], value: object) -> Any:
+    """Coerce one raw value to the field's type and check its metadata bounds."""
+    kind = type(fld.default)
+    if kind is tuple:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' expects a comma-separated string, got {value!r}")
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' expects true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        value = float(value)
+    elif kind is str and not isinstance(value, str):
+        raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+    meta = fld.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        raise unknown_choice(key, value, meta["choices"])
+    lo, hi = meta.get("min"), meta.get("max")
+    assert isinstance(value, (int, float, str))
+    if lo is not None and isinstance(value, (int, float)):
+        if value < lo or (meta.get("lo_open") and value == lo):
+            op = ">" if meta.get("lo_open") else ">="
+            raise ConfigError(f"config key '{key}' must be {op} {lo}, got {value!r}")
+    if hi is not None and isinstance(value, (int, float)) and value > hi:
+        raise ConfigError(f"config key '{key}' must be <= {hi}, got {value!r}")
+    return value
