@@ -1,0 +1,56 @@
+"""Data: text-classification sources, the server test split, client partitions.
+
+See :mod:`fedpeft.data.sources` (what is loaded, and how it is split) and
+:mod:`fedpeft.data.partition` (how the training set is spread over clients, with
+flwr-datasets' partitioners).
+"""
+
+from fedpeft.data.partition import (
+    PARTITIONERS,
+    Partitioner,
+    PartitionerBuilder,
+    ShuffledIidPartitioner,
+    clear_partition_cache,
+    load_partition,
+    make_partitioner,
+    partition_stats,
+)
+from fedpeft.data.sources import (
+    LOCAL_SUFFIXES,
+    SOURCES,
+    WORDNET_NOUN_LEXNAMES,
+    DataSourceUnavailable,
+    TextDataset,
+    clear_source_cache,
+    column_values,
+    label_array,
+    load_bbc_news,
+    load_source,
+    load_wordnet_nouns,
+    make_text_dataset,
+    split_train_test,
+)
+
+__all__ = [
+    "LOCAL_SUFFIXES",
+    "PARTITIONERS",
+    "SOURCES",
+    "WORDNET_NOUN_LEXNAMES",
+    "DataSourceUnavailable",
+    "Partitioner",
+    "PartitionerBuilder",
+    "ShuffledIidPartitioner",
+    "TextDataset",
+    "clear_partition_cache",
+    "clear_source_cache",
+    "column_values",
+    "label_array",
+    "load_bbc_news",
+    "load_partition",
+    "load_source",
+    "load_wordnet_nouns",
+    "make_partitioner",
+    "make_text_dataset",
+    "partition_stats",
+    "split_train_test",
+]

@@ -1,0 +1,83 @@
+"""The Flower ClientApp: train the exchanged tensors of a cached model on this node's partition.
+
+Per worker process the backbone is loaded once (``fedpeft.models.get_model``) and each
+partition tokenized once (``fedpeft.task``); a message only swaps the exchanged tensors
+in, trains, and sends them back.  What leaves the client is the exchanged tensors and
+scalar metrics, nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedpeft import task
+from fedpeft.config import ConfigValue, RunConfig
+from fedpeft.models import FedModel, get_model
+from fedpeft.runtime import derive_seed, quiet_libraries
+from fedpeft.training import Encoded, evaluate, train_local
+from fedpeft.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, from_record, to_record
+
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=4)
+def _config(items: frozenset[tuple[str, ConfigValue]]) -> RunConfig:
+    quiet_libraries()
+    return RunConfig.from_run_config(dict(items))
+
+
+def _setup(context: Context) -> tuple[RunConfig, int, int, FedModel, Encoded]:
+    cfg = _config(frozenset(context.run_config.items()))
+    pid = int(context.node_config["partition-id"])
+    num = int(context.node_config["num-partitions"])
+    model = get_model(cfg, task.num_labels(cfg))
+    return cfg, pid, num, model, task.client_train_set(cfg, pid, num)
+
+
+@app.query("describe")
+def describe(msg: Message, context: Context) -> Message:
+    """Announce this node's partition (and warm the per-process caches)."""
+    _, pid, num, model, data = _setup(context)
+    metrics = MetricRecord(
+        {
+            "partition-id": pid,
+            "num-partitions": num,
+            "num-examples": len(data),
+            "num-trainable": model.num_trainable,
+        }
+    )
+    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Load the global tensors (strictly), train locally, reply with the new tensors."""
+    cfg, pid, _, model, data = _setup(context)
+    model.load_exchange_state(from_record(msg.content[ARRAYS_KEY]))
+    server_round = int(_round(msg))
+    result = train_local(model, data, cfg.train, seed=derive_seed(cfg.seed, "train", server_round, pid))
+    metrics = MetricRecord(
+        {"num-examples": result.num_examples, "train_loss": result.loss, "steps": result.steps}
+    )
+    return Message(
+        RecordDict({ARRAYS_KEY: to_record(model.exchange_state()), METRICS_KEY: metrics}),
+        reply_to=msg,
+    )
+
+
+@app.evaluate()
+def evaluate_local(msg: Message, context: Context) -> Message:
+    """Client-side evaluation of the global tensors on the local partition."""
+    cfg, _, _, model, data = _setup(context)
+    model.load_exchange_state(from_record(msg.content[ARRAYS_KEY]))
+    loss, acc = evaluate(model, data, cfg.train.eval_batch_size)
+    metrics = MetricRecord({"num-examples": len(data), "eval_loss": loss, "eval_acc": acc})
+    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+
+def _round(msg: Message) -> int:
+    config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    return int(config.get("server-round", 0))  # type: ignore[arg-type]

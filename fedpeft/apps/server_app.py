@@ -1,0 +1,145 @@
+"""The Flower ServerApp: wire config, model, strategy, metering and results together.
+
+This module (with the client app and the launcher) is the only place where the pieces
+meet; the round loop itself is Flower's ``Strategy.start``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedpeft import task
+from fedpeft.config import RunConfig
+from fedpeft.data import partition_stats
+from fedpeft.metering import MeteredGrid
+from fedpeft.models import get_model
+from fedpeft.recorder import RoundRecorder
+from fedpeft.results import ResultsWriter, default_run_name
+from fedpeft.runtime import quiet_libraries, seed_everything
+from fedpeft.training import evaluate
+from fedpeft.wire import METRICS_KEY, from_record, to_record
+from strategies import build_strategy
+
+app = ServerApp()
+log = logging.getLogger("fedpeft")
+
+
+class ClientDiscoveryError(RuntimeError):
+    """The expected clients did not all announce themselves in time."""
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = RunConfig.from_run_config(context.run_config)
+    run_server(grid, cfg)
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    """``results-dir/run-name`` (a timestamped name when none is configured)."""
+    name = cfg.run_name or default_run_name(cfg.to_run_config())
+    return Path(cfg.results_dir).expanduser().resolve() / name
+
+
+def run_server(grid: Grid, cfg: RunConfig) -> Path:
+    """Run the whole federation; returns the results folder."""
+    quiet_libraries()
+    seed_everything(cfg.seed)
+    t0 = time.perf_counter()
+    labels = task.source(cfg).label_names
+    model = get_model(cfg, len(labels))
+    test_set = task.server_test_set(cfg)
+    strategy = build_strategy(
+        cfg.strategy.name,
+        fraction_train=cfg.fraction_train,
+        min_train_nodes=cfg.min_train_clients,
+        min_available_nodes=cfg.num_clients,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_evaluate_nodes=1,
+    )
+
+    run_dir = run_dir_for(cfg)
+    writer = ResultsWriter(run_dir)
+    writer.write_config(cfg.to_run_config())
+    writer.write_versions()
+
+    def evaluate_global(arrays: ArrayRecord) -> tuple[float, float]:
+        model.load_exchange_state(from_record(arrays))
+        return evaluate(model, test_set, cfg.train.eval_batch_size)
+
+    metered = MeteredGrid(grid)
+    partition_of: dict[int, int] = {}
+    recorder = RoundRecorder(
+        metered,
+        writer,
+        evaluate_global,
+        seed=cfg.seed,
+        num_rounds=cfg.num_rounds,
+        partition_of=partition_of,
+    )
+    partition_of.update(discover_clients(metered, cfg))  # its messages count in round 0
+    metered.node_order = partition_of.__getitem__
+    _write_partition_stats(writer, cfg)
+    print(
+        f"fedpeft: {cfg.peft.method} on {cfg.model.name} ({model.num_trainable:,} exchanged parameters), "
+        f"{cfg.num_clients} clients, {cfg.data.dataset} ({cfg.data.partitioner}), strategy {cfg.strategy.name}; "
+        f"set-up {time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
+    initial = to_record(model.exchange_state())
+    result = strategy.start(
+        grid=metered,
+        initial_arrays=initial,
+        num_rounds=cfg.num_rounds,
+        timeout=cfg.round_timeout,
+        train_config=ConfigRecord({"seed": cfg.seed}),
+        evaluate_fn=recorder,
+    )
+    final = result.arrays if len(result.arrays) else initial
+    model.load_exchange_state(from_record(final))
+    model.save(run_dir / "adapter", labels)
+    writer.plot()
+    print(f"fedpeft: results in {run_dir}", flush=True)
+    return run_dir
+
+
+def discover_clients(grid: MeteredGrid, cfg: RunConfig) -> dict[int, int]:
+    """Wait for ``num-clients`` nodes, ask each for its partition id; node id -> partition."""
+    deadline = time.monotonic() + cfg.connect_timeout
+    while len(nodes := sorted(grid.get_node_ids())) < cfg.num_clients:
+        if time.monotonic() > deadline:
+            raise ClientDiscoveryError(
+                f"only {len(nodes)} of num-clients={cfg.num_clients} nodes connected within "
+                f"connect-timeout={cfg.connect_timeout} s"
+            )
+        time.sleep(0.2)
+    ask = [Message(RecordDict({"config": ConfigRecord()}), node, "query.describe") for node in nodes]
+    replies = list(grid.send_and_receive(ask, timeout=cfg.connect_timeout))
+    partition_of: dict[int, int] = {}
+    for reply in replies:
+        if reply.has_error():
+            raise ClientDiscoveryError(
+                f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}"
+            )
+        metrics: MetricRecord = reply.content[METRICS_KEY]
+        if int(metrics["num-partitions"]) != cfg.num_clients:  # type: ignore[call-overload]
+            raise ClientDiscoveryError(
+                f"nodes were started with num-partitions={metrics['num-partitions']} but the run config "
+                f"says num-clients={cfg.num_clients}; start as many SuperNodes as num-clients"
+            )
+        partition_of[reply.metadata.src_node_id] = int(metrics["partition-id"])  # type: ignore[call-overload]
+    if len(partition_of) < cfg.num_clients:
+        raise ClientDiscoveryError(f"only {len(partition_of)} of {cfg.num_clients} nodes answered discovery")
+    return partition_of
+
+
+def _write_partition_stats(writer: ResultsWriter, cfg: RunConfig) -> None:
+    import json
+
+    train = task._split(cfg)[0]
+    stats = partition_stats(train, cfg.data, cfg.num_clients, cfg.seed)
+    (writer.run_dir / "partitions.json").write_text(json.dumps(stats, indent=1))

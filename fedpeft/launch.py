@@ -1,0 +1,218 @@
+"""Start a simulation: the one function that hides which Flower entry point is used.
+
+:func:`simulate` validates the whole configuration first (an unknown key, a bad value,
+an unknown method or strategy, a missing dataset all fail here, before Ray starts), then
+runs the app's ServerApp and ClientApp on Flower's simulation engine with a Ray backend
+whose resources are explicit: CPUs (and GPUs) per client, object store size, no
+dashboard, and every socket on loopback unless a cluster address is given.
+
+Flower 1.41's public ``run_simulation`` cannot pass a run config, so this calls the
+engine underneath it (``flwr.simulation.run_simulation._run_simulation``) with a
+``Run`` that carries the overrides, exactly as ``flwr run`` would fuse them with
+``[tool.flwr.app.config]``.  Flower is pinned; a test runs this path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from fedpeft.config import ConfigError, ConfigValue, RunConfig
+
+APP_COMPONENTS = ("fedpeft.apps.server_app:app", "fedpeft.apps.client_app:app")
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Ray resources for a simulation."""
+
+    cpus_per_client: float = 1.0
+    # None: 0.5 of a GPU per client when CUDA is visible and device allows it, else 0.
+    gpus_per_client: float | None = None
+    # Total CPUs Ray may use on this machine (None: all); ignored with ``address``.
+    num_cpus: int | None = None
+    object_store_mb: int = 512
+    # An existing Ray cluster ("127.0.0.1:6379", "ray://..."); None starts a local one.
+    address: str | None = None
+    verbose: bool = False
+
+
+def app_dir() -> Path:
+    """The Flower App folder (the one whose pyproject.toml declares our components)."""
+    here = Path(__file__).resolve().parent.parent
+    pyproject = here / "pyproject.toml"
+    if not pyproject.is_file():
+        raise FileNotFoundError(
+            f"no pyproject.toml next to the fedpeft package ({here}); run from a clone of the "
+            "fedpeft repository (the Flower App is defined there)"
+        )
+    return here
+
+
+def load_experiment(path: str | Path) -> dict[str, ConfigValue]:
+    """A simulations/*.toml file as flat run-config overrides (nested tables -> dotted keys)."""
+    from flwr.common.config import flatten_dict
+
+    with Path(path).open("rb") as fh:
+        return dict(flatten_dict(tomllib.load(fh)))
+
+
+def parse_set(items: list[str]) -> dict[str, ConfigValue]:
+    """``key=value`` pairs; values parse as TOML scalars, else as plain strings."""
+    out: dict[str, ConfigValue] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        if not isinstance(value, (bool, int, float, str)):
+            raise ConfigError(f"--set {key}: only scalars are allowed, got {raw!r}")
+        out[key.strip()] = value
+    return out
+
+
+def resolve_config(
+    overrides: Mapping[str, ConfigValue],
+) -> tuple[RunConfig, dict[str, ConfigValue]]:
+    """Defaults from pyproject.toml + ``overrides`` -> (validated config, final overrides).
+
+    The returned overrides pin ``results-dir`` (absolute) and ``run-name`` so that the
+    launcher and the ServerApp agree on the results folder.
+    """
+    from flwr.common.config import get_fused_config_from_dir
+
+    from fedpeft.apps.server_app import run_dir_for
+
+    RunConfig.from_run_config(overrides)  # names an unknown key before Flower's generic error
+    fused = get_fused_config_from_dir(app_dir(), dict(overrides))
+    cfg = RunConfig.from_run_config(fused)
+    run_dir = run_dir_for(cfg)
+    final = dict(overrides) | {"results-dir": str(run_dir.parent), "run-name": run_dir.name}
+    return RunConfig.from_run_config(dict(fused) | final), final
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Resolve every registry entry and the dataset now, so errors come before Ray starts."""
+    from fedpeft import task
+    from fedpeft.models import get_method
+    from strategies import resolve_strategy
+
+    get_method(cfg.peft.method)
+    resolve_strategy(cfg.strategy.name)
+    if task.num_labels(cfg) < 2:
+        raise ConfigError(f"config key 'data.dataset': {cfg.data.dataset!r} has fewer than 2 classes")
+
+
+def ray_backend_config(cfg: RunConfig, ray: RayOptions) -> dict[str, Any]:
+    """Flower's backend_config for the Ray backend (``init_args`` go to ``ray.init``)."""
+    gpus = ray.gpus_per_client
+    if gpus is None:
+        import torch
+
+        gpus = (
+            0.5
+            if (torch.cuda.is_available() and cfg.device in ("auto", "cuda"))
+            or cfg.device.startswith("cuda:")
+            else 0.0
+        )
+    init: dict[str, Any] = {
+        "include_dashboard": False,
+        "logging_level": logging.DEBUG if ray.verbose else logging.ERROR,
+        "log_to_driver": ray.verbose,
+        "configure_logging": True,
+    }
+    if ray.address:
+        init["address"] = ray.address
+    else:
+        init["address"] = "local"
+        init["object_store_memory"] = ray.object_store_mb * 1024 * 1024
+        if ray.num_cpus is not None:
+            init["num_cpus"] = ray.num_cpus
+    return {
+        "client_resources": {"num_cpus": ray.cpus_per_client, "num_gpus": gpus},
+        "init_args": init,
+    }
+
+
+def loopback_environment() -> None:
+    """Environment that keeps Ray and Flower local and quiet (see KNOWLEDGE: Ray binds *:port)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1") if not os.environ.get("FEDPEFT_ALLOW_HUB") else None
+
+
+def simulate(overrides: Mapping[str, ConfigValue] | None = None, ray: RayOptions | None = None) -> Path:
+    """Run one simulation to completion; returns its results folder."""
+    ray = ray or RayOptions()
+    cfg, final = resolve_config(dict(overrides or {}))
+    loopback_environment()
+    preflight(cfg)
+    _quiet_flower(ray.verbose)
+    _run_engine(cfg, final, ray_backend_config(cfg, ray), ray.verbose)
+    from fedpeft.apps.server_app import run_dir_for
+
+    run_dir = run_dir_for(cfg)
+    if not (run_dir / "rounds.jsonl").is_file():
+        raise RuntimeError(f"the simulation ended without writing results to {run_dir}; rerun with --verbose")
+    return run_dir
+
+
+def _quiet_flower(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING
+    logging.getLogger("flwr").setLevel(level)
+
+
+def _run_engine(
+    cfg: RunConfig, overrides: dict[str, ConfigValue], backend: dict[str, Any], verbose: bool
+) -> None:
+    """Flower's simulation engine with a Run that carries our overrides."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.config import get_fused_config_from_dir
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    run.override_config = dict(overrides)
+    TaskIdentity.task_id = run.primary_task_id
+    TaskIdentity.run_id = run.run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    context = Context(
+        run_id=run.run_id,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config=get_fused_config_from_dir(app_dir(), dict(overrides)),
+    )
+    server_attr, client_attr = APP_COMPONENTS
+    _run_simulation(
+        num_supernodes=cfg.num_clients,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        client_app_attr=client_attr,
+        server_app_attr=server_attr,
+        backend_name="ray",
+        backend_config=backend,  # type: ignore[arg-type]
+        app_dir=str(app_dir()),
+        run=run,
+        server_app_context=context,
+        is_app=True,
+        verbose_logging=verbose,
+    )

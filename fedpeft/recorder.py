@@ -1,0 +1,92 @@
+"""Turns each finished round into a :class:`~fedpeft.results.RoundRecord`.
+
+Flower's ``Strategy.start`` owns the round loop and calls ``evaluate_fn(round, arrays)``
+once before round 1 and once at the very end of every round (after aggregation and any
+client-side evaluation).  The recorder is that ``evaluate_fn``: it evaluates the global
+model on the server's test split, collects what the metered grid saw during the round,
+writes the record, prints one line, and seeds client sampling for the next round from
+(seed, round) so sampling does not depend on anything else that used ``random``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+
+from flwr.app import ArrayRecord, MetricRecord
+
+from fedpeft.metering import Exchange, MeteredGrid
+from fedpeft.results import (
+    ClientRecord,
+    ResultsWriter,
+    RoundRecord,
+    format_round_line,
+    mean_train_loss,
+)
+from fedpeft.runtime import derive_seed
+
+EvaluateFn = Callable[[ArrayRecord], tuple[float, float]]  # arrays -> (loss, accuracy)
+
+
+class RoundRecorder:
+    """The ``evaluate_fn`` of a run: global evaluation + one record per round."""
+
+    def __init__(
+        self,
+        grid: MeteredGrid,
+        writer: ResultsWriter,
+        evaluate: EvaluateFn,
+        *,
+        seed: int,
+        num_rounds: int,
+        partition_of: dict[int, int],
+        echo: Callable[[str], None] = print,
+    ) -> None:
+        self.grid = grid
+        self.writer = writer
+        self.evaluate = evaluate
+        self.seed = seed
+        self.num_rounds = num_rounds
+        self.partition_of = partition_of
+        self.echo = echo
+        self._t_round = time.perf_counter()
+
+    def start_clock(self) -> None:
+        """Start timing round 0 (discovery of clients + initial evaluation)."""
+        self._t_round = time.perf_counter()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        loss, accuracy = self.evaluate(arrays)
+        clients = [self._client_record(ex) for ex in self.grid.drain()]
+        now = time.perf_counter()
+        record = RoundRecord(
+            round=server_round,
+            accuracy=accuracy,
+            loss=loss,
+            train_loss=mean_train_loss(clients) if server_round > 0 else None,
+            clients=clients,
+            wall_seconds=now - self._t_round,
+        )
+        self.writer.add_round(record)
+        self.echo(format_round_line(record, self.num_rounds))
+        # Sampling of the next round depends only on (seed, round).
+        random.seed(derive_seed(self.seed, "sampling", server_round + 1))
+        self._t_round = time.perf_counter()
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    def _client_record(self, ex: Exchange) -> ClientRecord:
+        loss = ex.metrics.get("train_loss")
+        return ClientRecord(
+            node_id=ex.node_id,
+            partition_id=self.partition_of.get(ex.node_id, -1),
+            bytes_down=ex.bytes_down,
+            bytes_up=ex.bytes_up,
+            payload_down=ex.payload_down,
+            payload_up=ex.payload_up,
+            num_examples=int(ex.metrics.get("num-examples", 0)) if ex.ok else 0,
+            train_loss=loss if ex.ok and loss is not None and math.isfinite(loss) else None,
+            ok=ex.ok,
+            error=ex.error,
+        )
