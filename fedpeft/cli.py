@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key} = {default!r}")
         return 0
     from fedpeft.launch import RayOptions, load_experiment, parse_set, simulate
+    from strategies import StrategyError
 
     try:
         overrides = load_experiment(args.experiment) if args.experiment else {}
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             verbose=args.verbose,
         )
         simulate(overrides, ray)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, StrategyError, FileNotFoundError) as err:
         print(f"fedpeft: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -256,10 +256,13 @@ def _convert(key: str, fld: dataclasses.Field[Any], value: object) -> Any:
         raise unknown_choice(key, value, meta["choices"])
     lo, hi = meta.get("min"), meta.get("max")
     assert isinstance(value, (int, float, str))
-    if lo is not None and isinstance(value, (int, float)):
-        if value < lo or (meta.get("lo_open") and value == lo):
-            op = ">" if meta.get("lo_open") else ">="
-            raise ConfigError(f"config key '{key}' must be {op} {lo}, got {value!r}")
+    if (
+        lo is not None
+        and isinstance(value, (int, float))
+        and (value < lo or (meta.get("lo_open") and value == lo))
+    ):
+        op = ">" if meta.get("lo_open") else ">="
+        raise ConfigError(f"config key '{key}' must be {op} {lo}, got {value!r}")
     if hi is not None and isinstance(value, (int, float)) and value > hi:
         raise ConfigError(f"config key '{key}' must be <= {hi}, got {value!r}")
     return value

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,11 @@ def resolve_config(
     from fedpeft.apps.server_app import run_dir_for
 
     RunConfig.from_run_config(overrides)  # names an unknown key before Flower's generic error
+    overrides = dict(overrides)
+    dataset = overrides.get("data.dataset")
+    if isinstance(dataset, str) and Path(dataset).expanduser().is_file():
+        # Ray workers and a SuperLink may run elsewhere: pin local files absolutely.
+        overrides["data.dataset"] = str(Path(dataset).expanduser().resolve())
     fused = get_fused_config_from_dir(app_dir(), dict(overrides))
     cfg = RunConfig.from_run_config(fused)
     run_dir = run_dir_for(cfg)
@@ -150,7 +156,6 @@ def loopback_environment() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1") if not os.environ.get("FEDPEFT_ALLOW_HUB") else None
 
 
 def simulate(overrides: Mapping[str, ConfigValue] | None = None, ray: RayOptions | None = None) -> Path:
@@ -170,8 +175,11 @@ def simulate(overrides: Mapping[str, ConfigValue] | None = None, ray: RayOptions
 
 
 def _quiet_flower(verbose: bool) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING
-    logging.getLogger("flwr").setLevel(level)
+    # Flower logs every round at INFO; fedpeft prints its own line per round instead.
+    # Client failures still show: Flower logs them as errors.
+    logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.ERROR)
+    if not verbose:
+        warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _run_engine(

@@ -89,4 +89,5 @@ class RoundRecorder:
             train_loss=loss if ex.ok and loss is not None and math.isfinite(loss) else None,
             ok=ex.ok,
             error=ex.error,
+            metrics={k: v for k, v in ex.metrics.items() if k not in ("num-examples", "train_loss")},
         )

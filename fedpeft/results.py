@@ -35,7 +35,7 @@ import os
 import platform
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,8 @@ class ClientRecord:
     train_loss: float | None  # None if failed
     ok: bool
     error: str = ""  # reason if not ok
+    # Any other scalar metrics the client reported (steps, model-loads, user metrics).
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 #: Columns of ``clients.csv``, in order: the round, then every :class:`ClientRecord` field.
@@ -295,6 +297,8 @@ def _finite_or_none(x: Any) -> Any:
 
 
 def _csv_cell(x: Any) -> Any:
+    if isinstance(x, dict):
+        return json.dumps(x, sort_keys=True)
     return "" if x is None else x
 
 

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -48,6 +49,8 @@ def quiet_libraries() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # Deprecation notices of our pinned stack are not the user's concern.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|ray)\.")
     for name in ("datasets", "peft", "filelock"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:

@@ -27,19 +27,19 @@ def num_labels(cfg: RunConfig) -> int:
 
 
 @functools.lru_cache(maxsize=2)
-def _split(cfg: RunConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
+def split(cfg: RunConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
     return split_train_test(source(cfg), cfg.data.test_fraction, cfg.data.max_test_examples, cfg.seed)
 
 
 @functools.lru_cache(maxsize=2)
 def server_test_set(cfg: RunConfig) -> Encoded:
     """The held-out test split, tokenized (server only)."""
-    test = _split(cfg)[1]
+    test = split(cfg)[1]
     return encode(load_tokenizer(cfg.model.name), test["text"], test["label"], cfg.model.max_length)
 
 
 @functools.lru_cache(maxsize=256)
 def client_train_set(cfg: RunConfig, partition_id: int, num_partitions: int) -> Encoded:
     """Client ``partition_id``'s share of the training split, tokenized (cached per process)."""
-    part = load_partition(_split(cfg)[0], cfg.data, num_partitions, partition_id, cfg.seed)
+    part = load_partition(split(cfg)[0], cfg.data, num_partitions, partition_id, cfg.seed)
     return encode(load_tokenizer(cfg.model.name), part["text"], part["label"], cfg.model.max_length)

@@ -75,7 +75,10 @@ def resolve_strategy(name: str) -> StrategyFactory:
 def build_strategy(name: str, **settings: Any) -> Strategy:
     """Build the strategy ``name`` with the ``settings`` its constructor accepts."""
     factory = resolve_strategy(name)
-    params = inspect.signature(factory).parameters
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError) as err:
+        raise StrategyError(f"config key 'strategy.name': cannot inspect {name!r}: {err}") from err
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     accepted = {k: v for k, v in settings.items() if takes_kwargs or k in params}
     strategy = factory(**accepted)

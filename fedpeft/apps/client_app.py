@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from fedpeft import task
 from fedpeft.config import ConfigValue, RunConfig
-from fedpeft.models import FedModel, get_model
+from fedpeft.models import FedModel, get_model, model_cache_info
 from fedpeft.runtime import derive_seed, quiet_libraries
 from fedpeft.training import Encoded, evaluate, train_local
 from fedpeft.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, from_record, to_record
@@ -60,7 +60,13 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(_round(msg))
     result = train_local(model, data, cfg.train, seed=derive_seed(cfg.seed, "train", server_round, pid))
     metrics = MetricRecord(
-        {"num-examples": result.num_examples, "train_loss": result.loss, "steps": result.steps}
+        {
+            "num-examples": result.num_examples,
+            "train_loss": result.loss,
+            "steps": result.steps,
+            # How many times this worker process has built a model: stays 1 across clients/rounds.
+            "model-loads": model_cache_info().misses,
+        }
     )
     return Message(
         RecordDict({ARRAYS_KEY: to_record(model.exchange_state()), METRICS_KEY: metrics}),

@@ -81,16 +81,16 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
         num_rounds=cfg.num_rounds,
         partition_of=partition_of,
     )
-    partition_of.update(discover_clients(metered, cfg))  # its messages count in round 0
-    metered.node_order = partition_of.__getitem__
-    _write_partition_stats(writer, cfg)
     print(
         f"fedpeft: {cfg.peft.method} on {cfg.model.name} ({model.num_trainable:,} exchanged parameters), "
         f"{cfg.num_clients} clients, {cfg.data.dataset} ({cfg.data.partitioner}), strategy {cfg.strategy.name}; "
-        f"set-up {time.perf_counter() - t0:.1f} s",
+        f"results in {run_dir}",
         flush=True,
     )
-    initial = to_record(model.exchange_state())
+    partition_of.update(discover_clients(metered, cfg))  # its messages count in round 0
+    metered.node_order = partition_of.__getitem__
+    _write_partition_stats(writer, cfg)
+    initial = to_record(model.initial_state)
     result = strategy.start(
         grid=metered,
         initial_arrays=initial,
@@ -103,7 +103,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     model.load_exchange_state(from_record(final))
     model.save(run_dir / "adapter", labels)
     writer.plot()
-    print(f"fedpeft: results in {run_dir}", flush=True)
+    print(f"fedpeft: done in {time.perf_counter() - t0:.1f} s; results in {run_dir}", flush=True)
     return run_dir
 
 
@@ -140,6 +140,6 @@ def discover_clients(grid: MeteredGrid, cfg: RunConfig) -> dict[int, int]:
 def _write_partition_stats(writer: ResultsWriter, cfg: RunConfig) -> None:
     import json
 
-    train = task._split(cfg)[0]
+    train = task.split(cfg)[0]
     stats = partition_stats(train, cfg.data, cfg.num_clients, cfg.seed)
     (writer.run_dir / "partitions.json").write_text(json.dumps(stats, indent=1))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,9 @@ class FedModel:
     device: torch.device
     # canonical name -> the live parameter (sorted by name); exactly what trains and travels
     params: dict[str, nn.Parameter]
+    # The exchanged tensors as built (seeded init): where every run starts, even when a
+    # cached model was trained by an earlier run in the same process.
+    initial_state: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def num_trainable(self) -> int:
@@ -122,7 +126,9 @@ def build_model(cfg: RunConfig, num_labels: int, device: str | None = None) -> F
             if key in params:
                 raise ExchangeError(f"two trainable parameters share the exchanged name {key!r}")
             params[key] = p
-    return FedModel(module, load_tokenizer(cfg.model.name), method.name, dev, dict(sorted(params.items())))
+    model = FedModel(module, load_tokenizer(cfg.model.name), method.name, dev, dict(sorted(params.items())))
+    model.initial_state = model.exchange_state()
+    return model
 
 
 @functools.lru_cache(maxsize=2)

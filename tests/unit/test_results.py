@@ -43,9 +43,7 @@ def _client(node: int, *, ok: bool = True, down: int = 1000, up: int = 400) -> C
 
 
 def _three_rounds() -> list[RoundRecord]:
-    r0 = RoundRecord(
-        round=0, accuracy=0.25, loss=1.38, train_loss=None, clients=[], wall_seconds=0.5
-    )
+    r0 = RoundRecord(round=0, accuracy=0.25, loss=1.38, train_loss=None, clients=[], wall_seconds=0.5)
     c1 = [_client(0), _client(1), _client(2)]
     r1 = RoundRecord(1, 0.6, 1.0, mean_train_loss(c1), c1, 2.0)
     c2 = [_client(0, down=2000, up=800), _client(1, ok=False, down=2000)]
@@ -206,8 +204,7 @@ def test_format_round_line() -> None:
     clients = [_client(i, down=246_000, up=123_000) for i in range(10)]
     rec = RoundRecord(3, 0.8123, 0.5123, 0.4, clients, 12.34)
     assert format_round_line(rec, 10) == (
-        "round  3/10 | acc 0.8123 | loss 0.5123 | up 1.23 MB | down 2.46 MB | "
-        "10 ok 0 failed | 12.3 s"
+        "round  3/10 | acc 0.8123 | loss 0.5123 | up 1.23 MB | down 2.46 MB | 10 ok 0 failed | 12.3 s"
     )
     rec0 = RoundRecord(0, 0.1, 2.0, None, [], 0.5)
     assert format_round_line(rec0, 5).startswith("round  0/5 | acc 0.1000")

@@ -28,9 +28,7 @@ def _train(n: int = N, k: int = K, sorted_labels: bool = True) -> datasets.Datas
     labels = np.arange(n) % k
     if sorted_labels:
         labels = np.sort(labels)
-    return make_text_dataset(
-        [f"doc {i}" for i in range(n)], labels, [f"c{c}" for c in range(k)]
-    ).dataset
+    return make_text_dataset([f"doc {i}" for i in range(n)], labels, [f"c{c}" for c in range(k)]).dataset
 
 
 TRAIN = _train()

@@ -172,9 +172,7 @@ def test_local_integer_labels(tmp_path) -> None:
 def test_local_wrong_column(tmp_path, kwargs, key: str) -> None:
     path = tmp_path / "data.csv"
     _write(path, "csv")
-    cfg = DataConfig(
-        dataset=str(path), **{"text_column": "body", "label_column": "topic", **kwargs}
-    )
+    cfg = DataConfig(dataset=str(path), **{"text_column": "body", "label_column": "topic", **kwargs})
     with pytest.raises(ConfigError, match=re.escape(key)) as e:
         load_source(cfg, seed=0)
     assert "body" in str(e.value) and "topic" in str(e.value)  # lists the columns present

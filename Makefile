@@ -1,0 +1,48 @@
+# fedpeft: two commands on a fresh machine.
+#   make demo   set up .venv (and the optional WordNet data) and run the default simulation
+#   make test   set up the same environment, then lint, type-check and run the whole suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fedpeft-installed
+
+.PHONY: demo test lint typecheck unit integration benchmarks system-deps clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The CPU build of torch first: any other route pulls a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+# Debian's wordnet-base backs the built-in `wordnet-nouns` dataset (optional: skipped if
+# it cannot be installed, e.g. without root or apt).
+system-deps:
+	@if [ ! -f /usr/share/wordnet/data.noun ] && command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wordnet-base) >/dev/null 2>&1 \
+	    || echo "note: could not install wordnet-base; the wordnet-nouns dataset stays unavailable"; \
+	fi
+
+demo: $(STAMP) system-deps
+	$(BIN)/fedpeft run simulations/demo.toml
+
+lint: $(STAMP)
+	$(BIN)/ruff check fedpeft strategies tests benchmarks
+	$(BIN)/ruff format --check fedpeft strategies tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: $(STAMP) system-deps lint typecheck
+	$(BIN)/python -m pytest -q
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration"
+
+integration: $(STAMP)
+	$(BIN)/python -m pytest -q -m integration
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache results

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny real configurations (real MiniLM, real BBC News, few examples)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Every test that starts Ray keeps it on loopback and quiet (see fedpeft.launch).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fedpeft.config import RunConfig
+from fedpeft.runtime import quiet_libraries
+
+quiet_libraries()
+
+# A run small enough for a unit test: 240 BBC articles, 32 tokens, 3 clients, 2 rounds.
+TINY: dict[str, bool | int | float | str] = {
+    "num-clients": 3,
+    "num-rounds": 2,
+    "min-train-clients": 2,
+    "device": "cpu",
+    "model.max-length": 32,
+    "data.max-examples": 240,
+    "data.test-fraction": 0.25,
+    "data.partitioner": "iid",
+    "train.batch-size": 8,
+    "train.max-steps": 6,
+    "train.learning-rate": 0.003,
+}
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path) -> dict[str, bool | int | float | str]:
+    return dict(TINY) | {"results-dir": str(tmp_path / "results"), "run-name": "tiny"}
+
+
+@pytest.fixture
+def tiny_cfg(tiny_overrides) -> RunConfig:
+    return RunConfig.from_run_config(tiny_overrides)
