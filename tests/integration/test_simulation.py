@@ -1,5 +1,6 @@
 """Real Flower simulations on Ray, through our launcher (slow: ~1 min each)."""
 
+import ipaddress
 import threading
 import time
 
@@ -35,6 +36,12 @@ class ListenWatcher(threading.Thread):
         while not self.stop.is_set():
             self.seen |= self._listening()
             time.sleep(0.5)
+
+
+def _is_loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is IPv4 loopback
+    return (mapped or addr).is_loopback
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +90,7 @@ def test_nothing_listened_beyond_loopback(ray_run):
     watcher = ray_run[1]
     new = watcher.seen - watcher.before
     assert new, "the watcher saw no Ray sockets at all"
-    exposed = {s for s in new if s[0] not in ("127.0.0.1", "::1")}
+    exposed = {s for s in new if not _is_loopback(s[0])}
     assert not exposed, f"sockets listening beyond loopback: {sorted(exposed)}"
 
 
