@@ -4,7 +4,7 @@ Both are one config switch (``peft.method``) of the same code path, run as real 
 simulations for one round; bytes are the protobuf-serialized sizes that the metered grid
 recorded for every message.
 
-    .venv/bin/python benchmarks/bytes_per_round.py [--clients 3]
+    .venv/bin/python -m benchmarks.bytes_per_round [--clients 3]
 """
 
 from __future__ import annotations

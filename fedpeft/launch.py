@@ -217,7 +217,7 @@ def _run_engine(
         client_app_attr=client_attr,
         server_app_attr=server_attr,
         backend_name="ray",
-        backend_config=backend,  # type: ignore[arg-type]
+        backend_config=backend,
         app_dir=str(app_dir()),
         run=run,
         server_app_context=context,

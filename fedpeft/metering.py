@@ -60,7 +60,7 @@ class MeteredGrid(Grid):
     def run(self) -> Run:
         return self._inner.run
 
-    def create_message(  # type: ignore[override]
+    def create_message(
         self,
         content: RecordDict,
         message_type: str,

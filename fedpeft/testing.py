@@ -57,7 +57,7 @@ class DirectGrid(Grid):
     def run(self) -> Run:
         return Run.create_empty(TaskIdentity.run_id)
 
-    def create_message(  # type: ignore[override]
+    def create_message(
         self,
         content: RecordDict,
         message_type: str,

@@ -69,7 +69,7 @@ def resolve_strategy(name: str) -> StrategyFactory:
         raise StrategyError(f"config key 'strategy.name': cannot import {name!r}: {err}") from err
     if not callable(obj):
         raise StrategyError(f"config key 'strategy.name': {name!r} is not a class or factory")
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 def build_strategy(name: str, **settings: Any) -> Strategy:

@@ -56,7 +56,7 @@ def describe(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Load the global tensors (strictly), train locally, reply with the new tensors."""
     cfg, pid, _, model, data = _setup(context)
-    model.load_exchange_state(from_record(msg.content[ARRAYS_KEY]))
+    model.load_exchange_state(from_record(msg.content.array_records[ARRAYS_KEY]))
     server_round = int(_round(msg))
     result = train_local(model, data, cfg.train, seed=derive_seed(cfg.seed, "train", server_round, pid))
     metrics = MetricRecord(
@@ -78,7 +78,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_local(msg: Message, context: Context) -> Message:
     """Client-side evaluation of the global tensors on the local partition."""
     cfg, _, _, model, data = _setup(context)
-    model.load_exchange_state(from_record(msg.content[ARRAYS_KEY]))
+    model.load_exchange_state(from_record(msg.content.array_records[ARRAYS_KEY]))
     loss, acc = evaluate(model, data, cfg.train.eval_batch_size)
     metrics = MetricRecord({"num-examples": len(data), "eval_loss": loss, "eval_acc": acc})
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)

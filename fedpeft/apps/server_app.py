@@ -125,16 +125,23 @@ def discover_clients(grid: MeteredGrid, cfg: RunConfig) -> dict[int, int]:
             raise ClientDiscoveryError(
                 f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}"
             )
-        metrics: MetricRecord = reply.content[METRICS_KEY]
-        if int(metrics["num-partitions"]) != cfg.num_clients:  # type: ignore[call-overload]
+        metrics = reply.content.metric_records[METRICS_KEY]
+        if _int(metrics, "num-partitions") != cfg.num_clients:
             raise ClientDiscoveryError(
                 f"nodes were started with num-partitions={metrics['num-partitions']} but the run config "
                 f"says num-clients={cfg.num_clients}; start as many SuperNodes as num-clients"
             )
-        partition_of[reply.metadata.src_node_id] = int(metrics["partition-id"])  # type: ignore[call-overload]
+        partition_of[reply.metadata.src_node_id] = _int(metrics, "partition-id")
     if len(partition_of) < cfg.num_clients:
         raise ClientDiscoveryError(f"only {len(partition_of)} of {cfg.num_clients} nodes answered discovery")
     return partition_of
+
+
+def _int(metrics: MetricRecord, key: str) -> int:
+    value = metrics[key]
+    if not isinstance(value, (int, float)):
+        raise ClientDiscoveryError(f"discovery reply has a non-scalar {key!r}: {value!r}")
+    return int(value)
 
 
 def _write_partition_stats(writer: ResultsWriter, cfg: RunConfig) -> None:

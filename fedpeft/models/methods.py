@@ -79,7 +79,7 @@ def _lora(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,  # keeps the classification head trainable (modules_to_save)
         r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
+        lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # peft annotates int; a float scale works
         lora_dropout=cfg.lora.dropout,
         target_modules=list(cfg.lora.target_modules),
     )
