@@ -8,10 +8,10 @@ place (:meth:`FedModel.load_exchange_state`), never reloads weights.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Mapping
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
