@@ -116,6 +116,31 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class CodecConfig:
+    """Compression of updates in transit (ComPEFT, Yadav et al. 2023); see ``fedpeft.codecs``."""
+
+    # "none": dense float32 both ways (the foundation path); "compeft": sparse ternary bit streams.
+    name: str = field(default="none", metadata=_choices("none", "compeft"))
+    # Fraction of entries kept: k = round(density * n).
+    density: float = field(default=0.1, metadata=_range(0.0, 1.0, lo_open=True))
+    # Top-k within each tensor, or over all exchanged tensors at once.
+    scope: str = field(default="tensor", metadata=_choices("tensor", "global"))
+    # "ternary": sign * scale per kept entry; "fp16": keep magnitudes as fp16 (sparsify only).
+    values: str = field(default="ternary", metadata=_choices("ternary", "fp16"))
+    # "mean": mean |kept| (STC, needs no tuning); "std": alpha * std(update) (ComPEFT).
+    scale: str = field(default="mean", metadata=_choices("mean", "std"))
+    alpha: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    # One scale per tensor, or one for the whole update.
+    scale_per: str = field(default="tensor", metadata=_choices("tensor", "global"))
+    # Entropy coder of the kept positions: "ans" (constriction) or "rice" (Golomb-Rice gaps).
+    positions: str = field(default="ans", metadata=_choices("ans", "rice"))
+    # Keep what compression lost on each client and add it to its next update.
+    error_feedback: bool = True
+    # Server -> client: dense "fp32", "fp16", or "compeft" on the global update.
+    downlink: str = field(default="fp32", metadata=_choices("fp32", "fp16", "compeft"))
+
+
+@dataclass(frozen=True)
 class StrategyConfig:
     """Server aggregation: a registered name or an importable ``module:Class``."""
 
@@ -147,6 +172,7 @@ class RunConfig:
     lora: LoraConfig = LoraConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    codec: CodecConfig = CodecConfig()
     strategy: StrategyConfig = StrategyConfig()
 
     # ------------------------------------------------------------------ building

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from flwr.app import ArrayRecord, MetricRecord
 
 from fedpeft.metering import Exchange, MeteredGrid
+from fedpeft.rejections import RejectionLog
 from fedpeft.results import (
     ClientRecord,
     ResultsWriter,
@@ -42,6 +43,7 @@ class RoundRecorder:
         seed: int,
         num_rounds: int,
         partition_of: dict[int, int],
+        rejections: RejectionLog | None = None,
         echo: Callable[[str], None] = print,
     ) -> None:
         self.grid = grid
@@ -51,6 +53,7 @@ class RoundRecorder:
         self.num_rounds = num_rounds
         self.partition_of = partition_of
         self.echo = echo
+        self.rejections = rejections or RejectionLog()
         self._t_round = time.perf_counter()
 
     def start_clock(self) -> None:
@@ -59,7 +62,8 @@ class RoundRecorder:
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         loss, accuracy = self.evaluate(arrays)
-        clients = [self._client_record(ex) for ex in self.grid.drain()]
+        rejected = self.rejections.drain()
+        clients = [self._client_record(ex, rejected.get(ex.node_id)) for ex in self.grid.drain()]
         now = time.perf_counter()
         record = RoundRecord(
             round=server_round,
@@ -76,8 +80,9 @@ class RoundRecorder:
         self._t_round = time.perf_counter()
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
-    def _client_record(self, ex: Exchange) -> ClientRecord:
+    def _client_record(self, ex: Exchange, rejected: str | None) -> ClientRecord:
         loss = ex.metrics.get("train_loss")
+        ok = ex.ok and rejected is None
         return ClientRecord(
             node_id=ex.node_id,
             partition_id=self.partition_of.get(ex.node_id, -1),
@@ -85,9 +90,9 @@ class RoundRecorder:
             bytes_up=ex.bytes_up,
             payload_down=ex.payload_down,
             payload_up=ex.payload_up,
-            num_examples=int(ex.metrics.get("num-examples", 0)) if ex.ok else 0,
-            train_loss=loss if ex.ok and loss is not None and math.isfinite(loss) else None,
-            ok=ex.ok,
-            error=ex.error,
+            num_examples=int(ex.metrics.get("num-examples", 0)) if ok else 0,
+            train_loss=loss if ok and loss is not None and math.isfinite(loss) else None,
+            ok=ok,
+            error=rejected or ex.error,
             metrics={k: v for k, v in ex.metrics.items() if k not in ("num-examples", "train_loss")},
         )

@@ -14,6 +14,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft import task
+from fedpeft.codecs.flower import codec_client_mod
 from fedpeft.config import ConfigValue, RunConfig
 from fedpeft.models import FedModel, get_model, model_cache_info
 from fedpeft.runtime import derive_seed, quiet_libraries
@@ -52,7 +53,10 @@ def describe(msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
 
-@app.train()
+codec_mod = codec_client_mod(lambda context: _config(frozenset(context.run_config.items())).codec)
+
+
+@app.train(mods=[codec_mod])
 def train(msg: Message, context: Context) -> Message:
     """Load the global tensors (strictly), train locally, reply with the new tensors."""
     cfg, pid, _, model, data = _setup(context)

@@ -14,11 +14,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.serverapp import Grid, ServerApp
 
 from fedpeft import task
+from fedpeft.codecs.flower import CompressedTransport, is_active
 from fedpeft.config import RunConfig
 from fedpeft.data import partition_stats
 from fedpeft.metering import MeteredGrid
 from fedpeft.models import get_model
 from fedpeft.recorder import RoundRecorder
+from fedpeft.rejections import RejectionLog
 from fedpeft.results import ResultsWriter, default_run_name
 from fedpeft.runtime import quiet_libraries, seed_everything
 from fedpeft.training import evaluate
@@ -62,6 +64,10 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
         min_evaluate_nodes=1,
     )
 
+    rejections = RejectionLog()
+    if is_active(cfg.codec):  # wrappers stay outside the inner strategy
+        strategy = CompressedTransport(strategy, cfg.codec, rejections)
+
     run_dir = run_dir_for(cfg)
     writer = ResultsWriter(run_dir)
     writer.write_config(cfg.to_run_config())
@@ -80,6 +86,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
         seed=cfg.seed,
         num_rounds=cfg.num_rounds,
         partition_of=partition_of,
+        rejections=rejections,
     )
     print(
         f"fedpeft: {cfg.peft.method} on {cfg.model.name} ({model.num_trainable:,} exchanged parameters), "
