@@ -16,6 +16,7 @@ Both decoders validate what they produce (count, range, order) and raise
 from __future__ import annotations
 
 import struct
+from typing import Any
 from collections.abc import Callable
 
 import numpy as np
@@ -27,7 +28,7 @@ Decoder = Callable[[bytes, int, int], np.ndarray]
 
 
 # ------------------------------------------------------------------------ ANS
-def _bernoulli(k: int, n: int):  # type: ignore[no-untyped-def]
+def _bernoulli(k: int, n: int) -> Any:
     import constriction
 
     return constriction.stream.model.Bernoulli(k / n, perfect=False)
