@@ -16,8 +16,8 @@ Both decoders validate what they produce (count, range, order) and raise
 from __future__ import annotations
 
 import struct
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
