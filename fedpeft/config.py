@@ -141,6 +141,34 @@ class CodecConfig:
 
 
 @dataclass(frozen=True)
+class DPConfig:
+    """Differential privacy: sample-level DP-SGD on clients (Opacus) and/or user-level central DP.
+
+    ``local``: every client trains with DP-SGD (Abadi et al., 2016) and keeps a privacy
+    ledger; ``central``: Flower's clipping + noising wrappers (McMahan et al., 2018;
+    Andrew et al., 2021 for adaptive clipping); ``both``.
+    """
+
+    mode: str = field(default="off", metadata=_choices("off", "local", "central", "both"))
+    # Local DP-SGD noise multiplier; ignored when target-epsilon > 0.
+    noise_multiplier: float = field(default=1.0, metadata=_range(0.0))
+    # > 0: choose each client's noise so that all num-rounds rounds spend this epsilon.
+    target_epsilon: float = field(default=0.0, metadata=_range(0.0))
+    # Per-sample gradient clipping norm of local DP-SGD.
+    max_grad_norm: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    delta: float = field(default=1e-5, metadata=_range(0.0, 1.0, lo_open=True))
+    accountant: str = field(default="rdp", metadata=_choices("rdp", "prv", "gdp"))
+    # > 0: a client whose epsilon would pass this in the next round sits it out (recorded).
+    epsilon_budget: float = field(default=0.0, metadata=_range(0.0))
+    # Central DP: clipping of each client's update on the server or on the client.
+    central_side: str = field(default="server", metadata=_choices("server", "client"))
+    central_clipping: str = field(default="fixed", metadata=_choices("fixed", "adaptive"))
+    central_noise_multiplier: float = field(default=1.0, metadata=_range(0.0))
+    # Fixed clipping norm, or the initial one for adaptive clipping.
+    central_clipping_norm: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+
+
+@dataclass(frozen=True)
 class StrategyConfig:
     """Server aggregation: a registered name or an importable ``module:Class``."""
 
@@ -173,6 +201,7 @@ class RunConfig:
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     codec: CodecConfig = CodecConfig()
+    dp: DPConfig = DPConfig()
     strategy: StrategyConfig = StrategyConfig()
 
     # ------------------------------------------------------------------ building

@@ -109,11 +109,14 @@ def resolve_config(
 def preflight(cfg: RunConfig) -> None:
     """Resolve every registry entry and the dataset now, so errors come before Ray starts."""
     from fedpeft import task
+    from fedpeft.apps.server_app import strategy_stack
     from fedpeft.models import get_method
+    from fedpeft.rejections import RejectionLog
     from strategies import resolve_strategy
 
     get_method(cfg.peft.method)
     resolve_strategy(cfg.strategy.name)
+    strategy_stack(cfg, RejectionLog(), {})  # builds every wrapper: their own checks run now
     if task.num_labels(cfg) < 2:
         raise ConfigError(f"config key 'data.dataset': {cfg.data.dataset!r} has fewer than 2 classes")
 

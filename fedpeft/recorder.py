@@ -14,6 +14,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord
 
@@ -44,6 +45,7 @@ class RoundRecorder:
         num_rounds: int,
         partition_of: dict[int, int],
         rejections: RejectionLog | None = None,
+        privacy: Callable[[int], dict[str, Any]] | None = None,
         echo: Callable[[str], None] = print,
     ) -> None:
         self.grid = grid
@@ -54,6 +56,7 @@ class RoundRecorder:
         self.partition_of = partition_of
         self.echo = echo
         self.rejections = rejections or RejectionLog()
+        self.privacy = privacy
         self._t_round = time.perf_counter()
 
     def start_clock(self) -> None:
@@ -63,7 +66,10 @@ class RoundRecorder:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         loss, accuracy = self.evaluate(arrays)
         rejected = self.rejections.drain()
-        clients = [self._client_record(ex, rejected.get(ex.node_id)) for ex in self.grid.drain()]
+        exchanges = self.grid.drain()
+        clients = [self._client_record(ex, rejected.pop(ex.node_id, None)) for ex in exchanges]
+        # Clients held back before any message was sent (e.g. an exhausted privacy budget).
+        clients += [self._held_back(node, reason) for node, reason in sorted(rejected.items())]
         now = time.perf_counter()
         record = RoundRecord(
             round=server_round,
@@ -72,6 +78,7 @@ class RoundRecorder:
             train_loss=mean_train_loss(clients) if server_round > 0 else None,
             clients=clients,
             wall_seconds=now - self._t_round,
+            **(self.privacy(server_round) if self.privacy else {}),
         )
         self.writer.add_round(record)
         self.echo(format_round_line(record, self.num_rounds))
@@ -79,6 +86,11 @@ class RoundRecorder:
         random.seed(derive_seed(self.seed, "sampling", server_round + 1))
         self._t_round = time.perf_counter()
         return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    def _held_back(self, node: int, reason: str) -> ClientRecord:
+        return ClientRecord(
+            node, self.partition_of.get(node, -1), 0, 0, 0, 0, 0, None, ok=False, error=reason
+        )
 
     def _client_record(self, ex: Exchange, rejected: str | None) -> ClientRecord:
         loss = ex.metrics.get("train_loss")

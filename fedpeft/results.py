@@ -91,6 +91,8 @@ ROUNDS_CSV_COLUMNS: tuple[str, ...] = (
     "num_replied",
     "num_failed",
     "wall_seconds",
+    "max_epsilon",
+    "central_epsilon",
 )
 
 
@@ -136,6 +138,11 @@ class RoundRecord:
     wall_seconds: float  # seconds this round took (training + aggregation + evaluation)
     cum_bytes_up: int = 0
     cum_bytes_down: int = 0
+    # Differential privacy (None when off): the largest epsilon any client has spent so
+    # far (local DP-SGD), every client's epsilon by partition, and the central mechanism's.
+    max_epsilon: float | None = None
+    epsilon_by_partition: dict[str, float] = field(default_factory=dict)
+    central_epsilon: float | None = None
 
     @property
     def bytes_up(self) -> int:

@@ -9,11 +9,13 @@ scalar metrics, nothing else.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
-from fedpeft import task
+from fedpeft import privacy, task
 from fedpeft.codecs.flower import codec_client_mod
 from fedpeft.config import ConfigValue, RunConfig
 from fedpeft.models import FedModel, get_model, model_cache_info
@@ -22,6 +24,7 @@ from fedpeft.training import Encoded, evaluate, train_local
 from fedpeft.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, from_record, to_record
 
 app = ClientApp()
+LEDGER_STATE = "fedpeft.dp.ledger"
 
 
 @functools.lru_cache(maxsize=4)
@@ -38,10 +41,27 @@ def _setup(context: Context) -> tuple[RunConfig, int, int, FedModel, Encoded]:
     return cfg, pid, num, model, task.client_train_set(cfg, pid, num)
 
 
+def _local_dp(cfg: RunConfig) -> bool:
+    return cfg.dp.mode in ("local", "both")
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(cfg: RunConfig, num_examples: int) -> privacy.RoundPlan:
+    return privacy.plan_round(cfg.dp, cfg.train, num_examples, cfg.num_rounds)
+
+
+def _plan_metrics(plan: privacy.RoundPlan) -> dict[str, int | float | list[int] | list[float]]:
+    return {
+        "dp-noise-multiplier": plan.noise_multiplier,
+        "dp-sample-rate": plan.sample_rate,
+        "dp-steps": plan.steps,
+    }
+
+
 @app.query("describe")
 def describe(msg: Message, context: Context) -> Message:
     """Announce this node's partition (and warm the per-process caches)."""
-    _, pid, num, model, data = _setup(context)
+    cfg, pid, num, model, data = _setup(context)
     metrics = MetricRecord(
         {
             "partition-id": pid,
@@ -50,19 +70,46 @@ def describe(msg: Message, context: Context) -> Message:
             "num-trainable": model.num_trainable,
         }
     )
+    if _local_dp(cfg):  # what one round will cost, so the server can keep the budget
+        for key, value in _plan_metrics(_plan(cfg, len(data))).items():
+            metrics[key] = value
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
 
 codec_mod = codec_client_mod(lambda context: _config(frozenset(context.run_config.items())).codec)
 
 
-@app.train(mods=[codec_mod])
+def central_clipping_mod(
+    msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+) -> Message:
+    """Flower's client-side clipping mods, when central DP clips on the clients.
+
+    It runs inside the codec mod: the update is clipped first, then encoded.
+    """
+    dp = _config(frozenset(context.run_config.items())).dp
+    if dp.mode in ("central", "both") and dp.central_side == "client":
+        mod = fixedclipping_mod if dp.central_clipping == "fixed" else adaptiveclipping_mod
+        return mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[codec_mod, central_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Load the global tensors (strictly), train locally, reply with the new tensors."""
     cfg, pid, _, model, data = _setup(context)
     model.load_exchange_state(from_record(msg.content.array_records[ARRAYS_KEY]))
     server_round = int(_round(msg))
-    result = train_local(model, data, cfg.train, seed=derive_seed(cfg.seed, "train", server_round, pid))
+    seed = derive_seed(cfg.seed, "train", server_round, pid)
+    dp_metrics: dict[str, int | float | list[int] | list[float]] = {}
+    if _local_dp(cfg):
+        plan = _plan(cfg, len(data))
+        result = privacy.train_private(model, data, cfg.train, plan, cfg.dp, seed)
+        ledger = privacy.Ledger.from_record(context.state.config_records.get(LEDGER_STATE))
+        ledger.add(plan.noise_multiplier, plan.sample_rate, result.steps)
+        context.state[LEDGER_STATE] = ledger.to_record()
+        dp_metrics = _plan_metrics(plan) | {"dp-epsilon": ledger.epsilon(cfg.dp.delta, cfg.dp.accountant)}
+    else:
+        result = train_local(model, data, cfg.train, seed=seed)
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,
@@ -71,6 +118,7 @@ def train(msg: Message, context: Context) -> Message:
             # How many times this worker process has built a model: stays 1 across clients/rounds.
             "model-loads": model_cache_info().misses,
         }
+        | dp_metrics
     )
     return Message(
         RecordDict({ARRAYS_KEY: to_record(model.exchange_state()), METRICS_KEY: metrics}),

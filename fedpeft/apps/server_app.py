@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from fedpeft import task
 from fedpeft.codecs.flower import CompressedTransport, is_active
@@ -19,6 +22,8 @@ from fedpeft.config import RunConfig
 from fedpeft.data import partition_stats
 from fedpeft.metering import MeteredGrid
 from fedpeft.models import get_model
+from fedpeft.privacy import RoundPlan
+from fedpeft.privacy_budget import PrivacyBudget, central_dp, central_epsilon
 from fedpeft.recorder import RoundRecorder
 from fedpeft.rejections import RejectionLog
 from fedpeft.results import ResultsWriter, default_run_name
@@ -55,18 +60,9 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     labels = task.source(cfg).label_names
     model = get_model(cfg, len(labels))
     test_set = task.server_test_set(cfg)
-    strategy = build_strategy(
-        cfg.strategy.name,
-        fraction_train=cfg.fraction_train,
-        min_train_nodes=cfg.min_train_clients,
-        min_available_nodes=cfg.num_clients,
-        fraction_evaluate=cfg.fraction_evaluate,
-        min_evaluate_nodes=1,
-    )
-
     rejections = RejectionLog()
-    if is_active(cfg.codec):  # wrappers stay outside the inner strategy
-        strategy = CompressedTransport(strategy, cfg.codec, rejections)
+    plans: dict[int, RoundPlan] = {}  # filled at discovery
+    strategy, budget = strategy_stack(cfg, rejections, plans)
 
     run_dir = run_dir_for(cfg)
     writer = ResultsWriter(run_dir)
@@ -87,6 +83,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
         num_rounds=cfg.num_rounds,
         partition_of=partition_of,
         rejections=rejections,
+        privacy=privacy_figures(cfg, budget, partition_of),
     )
     print(
         f"fedpeft: {cfg.peft.method} on {cfg.model.name} ({model.num_trainable:,} exchanged parameters), "
@@ -94,7 +91,15 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
         f"results in {run_dir}",
         flush=True,
     )
-    partition_of.update(discover_clients(metered, cfg))  # its messages count in round 0
+    described = discover_clients(metered, cfg)  # its messages count in round 0
+    partition_of.update({node: int(m["partition-id"]) for node, m in described.items()})
+    plans.update(
+        {
+            node: RoundPlan(m["dp-noise-multiplier"], m["dp-sample-rate"], int(m["dp-steps"]))
+            for node, m in described.items()
+            if "dp-steps" in m
+        }
+    )
     metered.node_order = partition_of.__getitem__
     _write_partition_stats(writer, cfg)
     initial = to_record(model.initial_state)
@@ -114,8 +119,59 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     return run_dir
 
 
-def discover_clients(grid: MeteredGrid, cfg: RunConfig) -> dict[int, int]:
-    """Wait for ``num-clients`` nodes, ask each for its partition id; node id -> partition."""
+def sampled_per_round(cfg: RunConfig) -> int:
+    """How many clients FedAvg-style sampling picks per round."""
+    return max(int(cfg.num_clients * cfg.fraction_train), cfg.min_train_clients)
+
+
+def strategy_stack(
+    cfg: RunConfig, rejections: RejectionLog, plans: dict[int, RoundPlan]
+) -> tuple[Strategy, PrivacyBudget | None]:
+    """The configured strategy inside its wrappers, innermost first: central DP, codec, budget.
+
+    Central DP clips decoded dense updates, so it sits inside the codec; the budget sits
+    outside everything so it sees every reply, also one the codec then rejects.
+    """
+    strategy = build_strategy(
+        cfg.strategy.name,
+        fraction_train=cfg.fraction_train,
+        min_train_nodes=cfg.min_train_clients,
+        min_available_nodes=cfg.num_clients,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_evaluate_nodes=1,
+    )
+    if cfg.dp.mode in ("central", "both"):
+        strategy = central_dp(strategy, cfg.dp, sampled_per_round(cfg))
+    if is_active(cfg.codec):
+        strategy = CompressedTransport(strategy, cfg.codec, rejections)
+    budget = None
+    if cfg.dp.mode in ("local", "both"):
+        strategy = budget = PrivacyBudget(strategy, cfg.dp, plans, rejections)
+    return strategy, budget
+
+
+def privacy_figures(
+    cfg: RunConfig, budget: PrivacyBudget | None, partition_of: dict[int, int]
+) -> Callable[[int], dict[str, Any]] | None:
+    """Per-round privacy fields of the round record (None when DP is off)."""
+    if cfg.dp.mode == "off":
+        return None
+
+    def figures(server_round: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if budget is not None:
+            eps = {str(partition_of.get(n, n)): e for n, e in sorted(budget.epsilons().items())}
+            out["epsilon_by_partition"] = eps
+            out["max_epsilon"] = max(eps.values(), default=0.0)
+        if cfg.dp.mode in ("central", "both"):
+            out["central_epsilon"] = central_epsilon(cfg.dp, server_round)
+        return out
+
+    return figures
+
+
+def discover_clients(grid: MeteredGrid, cfg: RunConfig) -> dict[int, dict[str, float]]:
+    """Wait for ``num-clients`` nodes and ask each to describe itself (partition, DP plan)."""
     deadline = time.monotonic() + cfg.connect_timeout
     while len(nodes := sorted(grid.get_node_ids())) < cfg.num_clients:
         if time.monotonic() > deadline:
@@ -126,7 +182,7 @@ def discover_clients(grid: MeteredGrid, cfg: RunConfig) -> dict[int, int]:
         time.sleep(0.2)
     ask = [Message(RecordDict({"config": ConfigRecord()}), node, "query.describe") for node in nodes]
     replies = list(grid.send_and_receive(ask, timeout=cfg.connect_timeout))
-    partition_of: dict[int, int] = {}
+    described: dict[int, dict[str, float]] = {}
     for reply in replies:
         if reply.has_error():
             raise ClientDiscoveryError(
@@ -138,10 +194,14 @@ def discover_clients(grid: MeteredGrid, cfg: RunConfig) -> dict[int, int]:
                 f"nodes were started with num-partitions={metrics['num-partitions']} but the run config "
                 f"says num-clients={cfg.num_clients}; start as many SuperNodes as num-clients"
             )
-        partition_of[reply.metadata.src_node_id] = _int(metrics, "partition-id")
-    if len(partition_of) < cfg.num_clients:
-        raise ClientDiscoveryError(f"only {len(partition_of)} of {cfg.num_clients} nodes answered discovery")
-    return partition_of
+        described[reply.metadata.src_node_id] = {
+            k: float(_int(metrics, k) if k.endswith("-id") else v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float))
+        }
+    if len(described) < cfg.num_clients:
+        raise ClientDiscoveryError(f"only {len(described)} of {cfg.num_clients} nodes answered discovery")
+    return described
 
 
 def _int(metrics: MetricRecord, key: str) -> int:

@@ -104,3 +104,40 @@ def test_same_seed_gives_the_same_rounds_on_ray(ray_run, tmp_path):
     la = [r["train_loss"] for r in read_rounds(ray_run[0])[1:]]
     lb = [r["train_loss"] for r in read_rounds(again)[1:]]
     assert la == pytest.approx(lb, abs=1e-6)
+
+
+def test_codec_on_both_directions_on_ray(tmp_path):
+    from tests.conftest import TINY
+
+    codec = {"codec.name": "compeft", "codec.downlink": "compeft", "num-rounds": 3}
+    run_dir = simulate(
+        TINY | codec | {"results-dir": str(tmp_path), "run-name": "codec"}, RayOptions(num_cpus=2)
+    )
+    rounds = read_rounds(run_dir)
+    assert all(r["num_replied"] == 3 and r["num_failed"] == 0 for r in rounds[1:])
+    # uplink coded every round; downlink dense once (resync), then coded deltas
+    assert all(c["bytes_up"] < 20_000 for r in rounds[1:] for c in r["clients"])
+    assert rounds[1]["bytes_down"] > 900_000 and rounds[2]["bytes_down"] < 30_000
+    assert rounds[-1]["accuracy"] > 1 / 5
+
+
+@pytest.mark.parametrize(
+    "dp",
+    [
+        {"dp.mode": "local", "dp.target-epsilon": 8.0},
+        {"dp.mode": "central", "dp.central-side": "client", "dp.central-noise-multiplier": 0.5},
+    ],
+    ids=["local", "central"],
+)
+def test_differential_privacy_on_ray(tmp_path, dp):
+    from tests.conftest import TINY
+
+    rounds = read_rounds(
+        simulate(TINY | dp | {"results-dir": str(tmp_path), "run-name": "dp"}, RayOptions(num_cpus=2))
+    )
+    assert all(r["num_replied"] == 3 for r in rounds[1:])
+    if dp["dp.mode"] == "local":
+        assert 0 < rounds[1]["max_epsilon"] < rounds[2]["max_epsilon"] <= 8.0 + 0.1
+        assert all(c["metrics"]["dp-epsilon"] > 0 for c in rounds[2]["clients"])
+    else:
+        assert 0 < rounds[1]["central_epsilon"] < rounds[2]["central_epsilon"]

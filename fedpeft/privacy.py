@@ -1,0 +1,250 @@
+"""Sample-level DP-SGD on a client with Opacus, and the per-client privacy ledger.
+
+The only module that imports Opacus.  Each client round wraps the cached model with a
+fresh ``PrivacyEngine`` (Poisson sampling at rate batch size / local dataset size,
+per-sample clipping, Gaussian noise), trains, and unwraps it again so the next client on
+the same worker starts from a plain module with no hooks.  The accountant's history --
+(noise multiplier, sample rate, steps) per round the client took part in -- is the
+ledger: it lives in the client's ``Context.state`` between rounds, so epsilon composes
+over exactly the rounds the client trained in.
+
+Guards against the silent failures others hit (see KNOWLEDGE.md): the DP optimizer must
+hold every trainable parameter, every trainable parameter must get a per-sample gradient
+of the batch's size, and the trained tensors must have moved after the first private
+step; otherwise :class:`PrivacyError` is raised, naming the parameter.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from flwr.app import ConfigRecord
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedpeft.config import DPConfig, TrainConfig
+from fedpeft.models import FedModel
+from fedpeft.training import Encoded, TrainResult
+
+History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps) per round
+
+
+class PrivacyError(RuntimeError):
+    """DP-SGD would not protect (or not train) what it claims to; the message says which tensor."""
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What one private round of a client costs: the inputs of the accountant."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+def _accountant(name: str) -> Any:
+    from opacus.accountants import create_accountant
+
+    return create_accountant(mechanism=name)
+
+
+def epsilon(history: Sequence[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
+    """Epsilon spent by ``history`` under ``accountant`` (0 for an empty history)."""
+    if not history:
+        return 0.0
+    if accountant == "gdp" and len({(s, q) for s, q, _ in history}) > 1:
+        raise PrivacyError(
+            "the gdp accountant needs one noise multiplier and sample rate for all rounds; use rdp or prv"
+        )
+    # Rounds with the same noise and rate compose as one run of their summed steps (how
+    # Opacus' accountants record steps; the gdp accountant reads only that form).
+    merged: dict[tuple[float, float], int] = {}
+    for s, q, n in history:
+        merged[(float(s), float(q))] = merged.get((float(s), float(q)), 0) + int(n)
+    acc = _accountant(accountant)
+    acc.history = [(s, q, n) for (s, q), n in merged.items()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(acc.get_epsilon(delta=delta))
+
+
+@dataclass
+class Ledger:
+    """One client's privacy history, saved in its ``Context.state`` between rounds.
+
+    A thin stateful wrapper over the accountant maths (like Opacus' accountants): the
+    history is the whole state, so epsilon is recomputed from it, never carried.
+    """
+
+    history: History = field(default_factory=list)
+
+    def add(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        self.history.append((float(noise_multiplier), float(sample_rate), int(steps)))
+
+    def epsilon(self, delta: float, accountant: str = "rdp") -> float:
+        return epsilon(self.history, delta, accountant)
+
+    def projected(self, plan: RoundPlan, delta: float, accountant: str = "rdp") -> float:
+        """Epsilon after one more round costing ``plan``."""
+        return epsilon(
+            [*self.history, (plan.noise_multiplier, plan.sample_rate, plan.steps)], delta, accountant
+        )
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "noise": [h[0] for h in self.history],
+                "rate": [h[1] for h in self.history],
+                "steps": [h[2] for h in self.history],
+            }
+        )
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord | None) -> Ledger:
+        if record is None:
+            return cls()
+        columns = [record[k] for k in ("noise", "rate", "steps")]
+        if not all(isinstance(c, list) for c in columns):
+            raise PrivacyError("the privacy ledger in this client's state is damaged")
+        noise, rate, steps = (cast(list[float], c) for c in columns)
+        return cls([(float(a), float(b), int(c)) for a, b, c in zip(noise, rate, steps, strict=True)])
+
+
+def plan_round(cfg: DPConfig, train: TrainConfig, num_examples: int, num_rounds: int) -> RoundPlan:
+    """Noise, Poisson sample rate and step count of one local round of this client.
+
+    With ``target-epsilon`` the noise is chosen (Opacus' ``get_noise_multiplier``) so that
+    taking part in all ``num_rounds`` rounds spends exactly that budget.
+    """
+    n = max(num_examples, 1)
+    q = min(1.0, train.batch_size / n)
+    steps = train.local_epochs * max(1, math.ceil(1 / q))
+    if train.max_steps:
+        steps = min(steps, train.max_steps)
+    noise = cfg.noise_multiplier
+    if cfg.target_epsilon > 0:
+        from opacus.accountants.utils import get_noise_multiplier
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            noise = float(
+                get_noise_multiplier(
+                    target_epsilon=cfg.target_epsilon,
+                    target_delta=cfg.delta,
+                    sample_rate=q,
+                    steps=steps * num_rounds,
+                    accountant=cfg.accountant,
+                )
+            )
+    return RoundPlan(noise, q, steps)
+
+
+def train_private(
+    model: FedModel, data: Encoded, train: TrainConfig, plan: RoundPlan, dp: DPConfig, seed: int
+) -> TrainResult:
+    """``plan.steps`` DP-SGD steps (Poisson batches, clipped, noised) on the exchanged params."""
+    from opacus import PrivacyEngine
+
+    torch.manual_seed(seed)
+    module = model.module
+    module.train()
+    params = list(model.params.values())
+    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+    dataset = TensorDataset(data.input_ids, data.attention_mask, data.labels)
+    loader = DataLoader(dataset, batch_size=train.batch_size, generator=torch.Generator().manual_seed(seed))
+    engine = PrivacyEngine(accountant=dp.accountant, secure_mode=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            made = engine.make_private(
+                module=module,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=dp.max_grad_norm,
+                poisson_sampling=True,
+                grad_sample_mode="hooks",
+                noise_generator=torch.Generator().manual_seed(seed + 1),
+            )
+        except Exception as err:  # Opacus' own validators: say so without its stack
+            raise PrivacyError(f"Opacus cannot make method {model.method!r} private: {err}") from err
+    dp_module, dp_optimizer, dp_loader = made[0], made[1], made[2]
+    try:
+        with warnings.catch_warnings():
+            # Opacus' hooks on a frozen backbone: the inputs need no gradient, by design.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            return _dp_steps(model, dp_module, dp_optimizer, dp_loader, plan.steps)
+    finally:
+        dp_module.to_standard_module()  # unhook, so the cached module can be wrapped again
+        for p in params:
+            p.grad_sample = None  # type: ignore[attr-defined]
+        module.eval()
+
+
+def _dp_steps(
+    model: FedModel, dp_module: Any, dp_optimizer: Any, dp_loader: Any, num_steps: int
+) -> TrainResult:
+    _check_optimizer(model, dp_optimizer)
+    before = {k: p.detach().clone() for k, p in model.params.items()}
+    params = list(model.params.values())
+    steps, total, seen = 0, 0.0, 0
+    while steps < num_steps:
+        for ids, mask, labels in dp_loader:
+            if steps >= num_steps:
+                break
+            dp_optimizer.zero_grad(set_to_none=True)
+            if labels.numel() == 0:
+                # An empty Poisson batch: no forward pass (BERT cannot take one), but the
+                # step still adds noise, as the accounting assumes.
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
+            else:
+                width = int(mask.sum(dim=1).max())
+                ids, mask = ids[:, :width].to(model.device), mask[:, :width].to(model.device)
+                logits = dp_module(input_ids=ids, attention_mask=mask).logits
+                loss = F.cross_entropy(logits, labels.to(model.device))
+                loss.backward()
+                if steps == 0:
+                    _check_grad_samples(model, int(labels.numel()))
+                total += float(loss.detach())
+                seen += int(labels.numel())
+            dp_optimizer.step()
+            if steps == 0:
+                _check_moved(model, before)
+            steps += 1
+    return TrainResult(seen, steps, total / max(steps, 1))
+
+
+def _check_optimizer(model: FedModel, dp_optimizer: torch.optim.Optimizer) -> None:
+    held = {id(p) for group in dp_optimizer.param_groups for p in group["params"]}
+    missing = [k for k, p in model.params.items() if id(p) not in held]
+    if missing:
+        raise PrivacyError(
+            f"the DP optimizer does not hold trainable tensors {missing[:3]}: they would train without noise"
+        )
+
+
+def _check_grad_samples(model: FedModel, batch: int) -> None:
+    for name, p in model.params.items():
+        gs = getattr(p, "grad_sample", None)
+        if gs is None:
+            raise PrivacyError(
+                f"no per-sample gradient for {name!r}: Opacus cannot handle the layer holding it"
+            )
+        if gs.shape[0] != batch:
+            raise PrivacyError(
+                f"per-sample gradient of {name!r} has batch {gs.shape[0]}, not {batch}: the layer mixes "
+                "examples, so clipping would not bound one example's influence"
+            )
+
+
+def _check_moved(model: FedModel, before: dict[str, torch.Tensor]) -> None:
+    if all(torch.equal(before[k], p.detach()) for k, p in model.params.items()):
+        raise PrivacyError(
+            "no trainable tensor changed after the first private step: DP-SGD is not training this model"
+        )

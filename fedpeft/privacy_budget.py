@@ -1,0 +1,126 @@
+"""Server-side privacy bookkeeping: per-client ledgers, the epsilon budget, central DP.
+
+:class:`PrivacyBudget` wraps a strategy (outermost, so it sees every message sent and
+every reply, also those a codec later rejects).  It mirrors each client's ledger from the
+DP figures in its replies and, before a round, drops the train message of any client
+whose epsilon would pass ``dp.epsilon-budget`` after that round -- the client sits the
+round out and the round record says so -- instead of silently overspending.
+
+:func:`central_dp` wraps a strategy in Flower's own user-level DP wrappers (fixed or
+adaptive clipping, on the server or the client) and :func:`central_epsilon` accounts
+for them (Gaussian mechanism, McMahan et al. 2018, without sampling amplification, as
+Flower's fixed-clipping accounting also assumes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    Strategy,
+)
+
+from fedpeft.config import ConfigError, DPConfig
+from fedpeft.privacy import Ledger, RoundPlan, epsilon
+from fedpeft.rejections import RejectionLog
+
+
+class PrivacyBudget(Strategy):
+    """Keep every client's epsilon within ``dp.epsilon-budget``; mirror their ledgers."""
+
+    def __init__(
+        self, inner: Strategy, dp: DPConfig, plans: dict[int, RoundPlan], rejections: RejectionLog
+    ) -> None:
+        self.inner = inner
+        self.dp = dp
+        self.plans = plans  # node id -> cost of one round (announced at discovery)
+        self.rejections = rejections
+        self.ledgers: dict[int, Ledger] = {}
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def epsilons(self) -> dict[int, float]:
+        """Epsilon spent so far by every client that trained (node id -> epsilon)."""
+        return {node: led.epsilon(self.dp.delta, self.dp.accountant) for node, led in self.ledgers.items()}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        if self.dp.epsilon_budget <= 0:
+            return messages
+        kept = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            plan = self.plans.get(node)
+            if plan is None:
+                kept.append(msg)
+                continue
+            after = self.ledgers.setdefault(node, Ledger()).projected(plan, self.dp.delta, self.dp.accountant)
+            if after > self.dp.epsilon_budget:
+                self.rejections.reject(
+                    node, f"sat out: epsilon would reach {after:.3f} > budget {self.dp.epsilon_budget:g}"
+                )
+            else:
+                kept.append(msg)
+        return kept
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for reply in replies:
+            if reply.has_error():
+                continue
+            m = reply.content.metric_records.get("metrics")
+            if m is not None and "dp-steps" in m:
+                noise, rate, steps = (m[k] for k in ("dp-noise-multiplier", "dp-sample-rate", "dp-steps"))
+                if (
+                    isinstance(noise, (int, float))
+                    and isinstance(rate, (int, float))
+                    and isinstance(steps, (int, float))
+                ):
+                    self.ledgers.setdefault(reply.metadata.src_node_id, Ledger()).add(noise, rate, int(steps))
+        return self.inner.aggregate_train(server_round, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+
+def central_dp(inner: Strategy, dp: DPConfig, num_sampled: int) -> Strategy:
+    """Flower's user-level DP wrapper for ``dp.central-*`` around ``inner``."""
+    side = {
+        ("server", "fixed"): DifferentialPrivacyServerSideFixedClipping,
+        ("client", "fixed"): DifferentialPrivacyClientSideFixedClipping,
+        ("server", "adaptive"): DifferentialPrivacyServerSideAdaptiveClipping,
+        ("client", "adaptive"): DifferentialPrivacyClientSideAdaptiveClipping,
+    }[(dp.central_side, dp.central_clipping)]
+    try:
+        if dp.central_clipping == "fixed":
+            return side(inner, dp.central_noise_multiplier, dp.central_clipping_norm, num_sampled)
+        return side(
+            inner, dp.central_noise_multiplier, num_sampled, initial_clipping_norm=dp.central_clipping_norm
+        )
+    except ValueError as err:  # Flower checks the noise against the cohort size
+        raise ConfigError(
+            f"config keys 'dp.central-*' ({dp.central_clipping} clipping, {num_sampled} clients per round): {err}"
+        ) from err
+
+
+def central_epsilon(dp: DPConfig, rounds: int) -> float:
+    """Epsilon of ``rounds`` releases of the central Gaussian mechanism (no amplification)."""
+    if dp.central_noise_multiplier <= 0:
+        return float("inf")
+    return epsilon([(dp.central_noise_multiplier, 1.0, rounds)], dp.delta, "rdp") if rounds else 0.0
