@@ -157,9 +157,9 @@ def train_private(
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
     dataset = TensorDataset(data.input_ids, data.attention_mask, data.labels)
     loader = DataLoader(dataset, batch_size=train.batch_size, generator=torch.Generator().manual_seed(seed))
-    engine = PrivacyEngine(accountant=dp.accountant, secure_mode=False)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # "secure RNG turned off": a simulation, not production
+        engine = PrivacyEngine(accountant=dp.accountant, secure_mode=False)
         try:
             made = engine.make_private(
                 module=module,

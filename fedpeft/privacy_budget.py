@@ -29,22 +29,20 @@ from flwr.serverapp.strategy import (
 from fedpeft.config import ConfigError, DPConfig
 from fedpeft.privacy import Ledger, RoundPlan, epsilon
 from fedpeft.rejections import RejectionLog
+from strategies.wrapper import StrategyWrapper
 
 
-class PrivacyBudget(Strategy):
+class PrivacyBudget(StrategyWrapper):
     """Keep every client's epsilon within ``dp.epsilon-budget``; mirror their ledgers."""
 
     def __init__(
         self, inner: Strategy, dp: DPConfig, plans: dict[int, RoundPlan], rejections: RejectionLog
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.dp = dp
         self.plans = plans  # node id -> cost of one round (announced at discovery)
         self.rejections = rejections
         self.ledgers: dict[int, Ledger] = {}
-
-    def summary(self) -> None:
-        self.inner.summary()
 
     def epsilons(self) -> dict[int, float]:
         """Epsilon spent so far by every client that trained (node id -> epsilon)."""
@@ -89,14 +87,6 @@ class PrivacyBudget(Strategy):
                 ):
                     self.ledgers.setdefault(reply.metadata.src_node_id, Ledger()).add(noise, rate, int(steps))
         return self.inner.aggregate_train(server_round, replies)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
 
 
 def central_dp(inner: Strategy, dp: DPConfig, num_sampled: int) -> Strategy:

@@ -31,6 +31,7 @@ from fedpeft.codecs.compeft import CompeftCodec, with_error_feedback
 from fedpeft.config import CodecConfig
 from fedpeft.rejections import RejectionLog
 from fedpeft.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, from_record, to_record
+from strategies.wrapper import StrategyWrapper
 
 PAYLOAD_KEY = "fedpeft.payload"
 PAYLOAD_STYPE = "fedpeft.compeft/1"
@@ -123,11 +124,11 @@ def _send(reply: Message, context: Context, cfg: CodecConfig, global_: dict[str,
 
 
 # ---------------------------------------------------------------------- server
-class CompressedTransport(Strategy):
+class CompressedTransport(StrategyWrapper):
     """Wrap ``inner``: compress the downlink, decode uplink payloads before aggregation."""
 
     def __init__(self, inner: Strategy, cfg: CodecConfig, rejections: RejectionLog | None = None) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.cfg = cfg
         self.rejections = rejections or RejectionLog()
         self.codec = CompeftCodec(cfg)
@@ -136,9 +137,6 @@ class CompressedTransport(Strategy):
         self._version = -1
         self._node_version: dict[int, int] = {}
         self._sent: dict[int, set[int]] = {}  # round -> nodes a train message went to
-
-    def summary(self) -> None:
-        self.inner.summary()
 
     # -------------------------------------------------------------- downlink
     def configure_train(
@@ -216,15 +214,6 @@ class CompressedTransport(Strategy):
             raise PayloadError("malformed", "reply carries no encoded payload")
         delta = self.codec.decode(payload, template)
         return {k: reference[k] + delta[k] for k in template.names}
-
-    # ------------------------------------------------------------ evaluation
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
 
 
 def _with_arrays(msg: Message, arrays: ArrayRecord, tags: dict[str, int | str]) -> Message:
