@@ -21,10 +21,12 @@ from fedpeft.results import human_bytes, read_rounds
 from fedpeft.runtime import quiet_libraries
 
 
-def variants() -> list[tuple[str, dict]]:
+def variants(downlink: str, skip_full: bool) -> list[tuple[str, dict]]:
     # Full fine-tuning diverges at LoRA's learning rate (2e-3): it gets the usual 5e-5.
     full = {"peft.method": "full", "train.learning-rate": 5e-5}
-    out: list[tuple[str, dict]] = [("full-model FedAvg", full), ("dense LoRA", {})]
+    out: list[tuple[str, dict]] = (
+        [("dense LoRA", {})] if skip_full else [("full-model FedAvg", full), ("dense LoRA", {})]
+    )
     for d in (0.01, 0.05, 0.10, 0.20):
         for ef in (True, False):
             out.append(
@@ -34,7 +36,7 @@ def variants() -> list[tuple[str, dict]]:
                         "codec.name": "compeft",
                         "codec.density": d,
                         "codec.error-feedback": ef,
-                        "codec.downlink": "compeft",
+                        "codec.downlink": downlink,
                     },
                 )
             )
@@ -46,6 +48,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--wordnet", action="store_true", help="also sweep WordNet nouns (10 classes)")
+    ap.add_argument(
+        "--downlink", choices=["compeft", "fp32", "fp16"], default="compeft", help="codec runs' downlink"
+    )
+    ap.add_argument(
+        "--full-bytes",
+        type=float,
+        default=0.0,
+        help="total bytes of full-model FedAvg from an earlier sweep (skips that run)",
+    )
+    ap.add_argument("--tag", default="", help="suffix of the results files")
     args = ap.parse_args()
     quiet_libraries()
     datasets = {"bbc-news": {}} | (
@@ -56,7 +68,7 @@ def main() -> None:
     for dataset, extra in datasets.items():
         rows, records = [], []
         with tempfile.TemporaryDirectory() as tmp:
-            for i, (name, overrides) in enumerate(variants()):
+            for i, (name, overrides) in enumerate(variants(args.downlink, args.full_bytes > 0)):
                 base = {
                     "num-rounds": args.rounds,
                     "num-clients": 10,
@@ -80,6 +92,17 @@ def main() -> None:
                         "bytes_total": last["cum_bytes_up"] + last["cum_bytes_down"],
                     }
                 )
+        if args.full_bytes > 0:
+            half = args.full_bytes / 2
+            earlier = {
+                "variant": "full-model FedAvg (earlier sweep)",
+                "final_accuracy": float("nan"),
+                "best_accuracy": float("nan"),
+                "bytes_up": half,
+                "bytes_down": half,
+                "bytes_total": args.full_bytes,
+            }
+            records.insert(0, earlier)
         full = records[0]["bytes_total"]
         dense = records[1]["bytes_total"]
         for rec in records:
@@ -103,11 +126,13 @@ def main() -> None:
             f"\n{dataset}: 10 clients, Dirichlet 0.5, {args.rounds} rounds, {args.steps} local steps\n{text}"
         )
         md.append(
-            f"### {dataset} (10 clients, Dirichlet 0.5, {args.rounds} rounds, {args.steps} local steps)\n\n{text}\n"
+            f"### {dataset} (10 clients, Dirichlet 0.5, {args.rounds} rounds, {args.steps} local steps, "
+            f"codec downlink {args.downlink})\n\n{text}\n"
         )
         figures[dataset] = records
-    (RESULTS / "compeft_sweep.md").write_text("\n".join(md))
-    write("compeft_sweep", {"settings": vars(args), **figures})
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"compeft_sweep{args.tag}.md").write_text("\n".join(md))
+    write(f"compeft_sweep{args.tag}", {"settings": vars(args), **figures})
 
 
 if __name__ == "__main__":
