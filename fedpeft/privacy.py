@@ -16,6 +16,7 @@ step; otherwise :class:`PrivacyError` is raised, naming the parameter.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Sequence
@@ -206,7 +207,7 @@ def _dp_steps(
             else:
                 width = int(mask.sum(dim=1).max())
                 ids, mask = ids[:, :width].to(model.device), mask[:, :width].to(model.device)
-                logits = dp_module(input_ids=ids, attention_mask=mask).logits
+                logits = dp_module(**_per_example_inputs(model, ids, mask)).logits
                 loss = F.cross_entropy(logits, labels.to(model.device))
                 loss.backward()
                 if steps == 0:
@@ -218,6 +219,30 @@ def _dp_steps(
                 _check_moved(model, before)
             steps += 1
     return TrainResult(seen, steps, total / max(steps, 1))
+
+
+def _per_example_inputs(model: FedModel, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Inputs with one row per example for every embedding that trains.
+
+    BERT-style models look position and token-type embeddings up with a (1, L) buffer
+    broadcast over the batch, so Opacus sees a batch of 1 for those tables ("per-sample"
+    gradient of the whole batch).  Passing explicit (B, L) ids makes each example its own
+    row; it changes nothing in the forward pass.
+    """
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    accepted = _forward_params(model)
+    batch, width = ids.shape
+    if "position_ids" in accepted:
+        inputs["position_ids"] = torch.arange(width, device=ids.device).expand(batch, width).contiguous()
+    if "token_type_ids" in accepted:
+        inputs["token_type_ids"] = torch.zeros_like(ids)
+    return inputs
+
+
+def _forward_params(model: FedModel) -> set[str]:
+    module = model.module
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return set(inspect.signature(base.forward).parameters)
 
 
 def _check_optimizer(model: FedModel, dp_optimizer: torch.optim.Optimizer) -> None:

@@ -153,3 +153,19 @@ def test_impossible_central_settings_fail_before_training():
     cfg = RunConfig.from_run_config(TINY | {"dp.mode": "central", "dp.central-clipping": "adaptive"})
     with pytest.raises(ConfigError, match="dp.central"):
         preflight(cfg)
+
+
+def test_full_fine_tuning_under_dp_gets_per_example_embedding_gradients():
+    # BERT looks position / token-type embeddings up with a (1, L) buffer: without explicit
+    # (B, L) ids Opacus would see a batch of 1 there, and the guard refuses to train.
+    cfg = RunConfig.from_run_config(TINY | {"dp.mode": "local", "peft.method": "full"})
+    model = build_model(cfg, task.num_labels(cfg))
+    data = task.client_train_set(cfg, 0, 3)
+    inputs = privacy._per_example_inputs(model, data.input_ids[:4], data.attention_mask[:4])
+    assert inputs["position_ids"].shape == inputs["input_ids"].shape
+    model.module.eval()
+    with torch.no_grad():
+        plain = model.module(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        assert torch.equal(plain, model.module(**inputs).logits)  # the forward pass is unchanged
+    result = privacy.train_private(model, data, cfg.train, privacy.RoundPlan(1.0, 0.2, 2), cfg.dp, 0)
+    assert result.steps == 2
