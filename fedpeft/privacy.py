@@ -240,7 +240,7 @@ def _per_example_inputs(model: FedModel, ids: torch.Tensor, mask: torch.Tensor) 
 
 
 def _forward_params(model: FedModel) -> set[str]:
-    module = model.module
+    module: Any = model.module
     base = module.get_base_model() if hasattr(module, "get_base_model") else module
     return set(inspect.signature(base.forward).parameters)
 
