@@ -179,7 +179,7 @@ def train_private(
         with warnings.catch_warnings():
             # Opacus' hooks on a frozen backbone: the inputs need no gradient, by design.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            return _dp_steps(model, dp_module, dp_optimizer, dp_loader, plan.steps)
+            return _dp_steps(model, dp_module, dp_optimizer, dp_loader, plan.steps, _forward_params(model))
     finally:
         dp_module.to_standard_module()  # unhook, so the cached module can be wrapped again
         for p in params:
@@ -188,7 +188,7 @@ def train_private(
 
 
 def _dp_steps(
-    model: FedModel, dp_module: Any, dp_optimizer: Any, dp_loader: Any, num_steps: int
+    model: FedModel, dp_module: Any, dp_optimizer: Any, dp_loader: Any, num_steps: int, accepted: set[str]
 ) -> TrainResult:
     _check_optimizer(model, dp_optimizer)
     before = {k: p.detach().clone() for k, p in model.params.items()}
@@ -207,7 +207,7 @@ def _dp_steps(
             else:
                 width = int(mask.sum(dim=1).max())
                 ids, mask = ids[:, :width].to(model.device), mask[:, :width].to(model.device)
-                logits = dp_module(**_per_example_inputs(model, ids, mask)).logits
+                logits = dp_module(**_per_example_inputs(ids, mask, accepted)).logits
                 loss = F.cross_entropy(logits, labels.to(model.device))
                 loss.backward()
                 if steps == 0:
@@ -221,7 +221,7 @@ def _dp_steps(
     return TrainResult(seen, steps, total / max(steps, 1))
 
 
-def _per_example_inputs(model: FedModel, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def _per_example_inputs(ids: torch.Tensor, mask: torch.Tensor, accepted: set[str]) -> dict[str, torch.Tensor]:
     """Inputs with one row per example for every embedding that trains.
 
     BERT-style models look position and token-type embeddings up with a (1, L) buffer
@@ -230,7 +230,6 @@ def _per_example_inputs(model: FedModel, ids: torch.Tensor, mask: torch.Tensor) 
     row; it changes nothing in the forward pass.
     """
     inputs = {"input_ids": ids, "attention_mask": mask}
-    accepted = _forward_params(model)
     batch, width = ids.shape
     if "position_ids" in accepted:
         inputs["position_ids"] = torch.arange(width, device=ids.device).expand(batch, width).contiguous()

@@ -161,7 +161,9 @@ def test_full_fine_tuning_under_dp_gets_per_example_embedding_gradients():
     cfg = RunConfig.from_run_config(TINY | {"dp.mode": "local", "peft.method": "full"})
     model = build_model(cfg, task.num_labels(cfg))
     data = task.client_train_set(cfg, 0, 3)
-    inputs = privacy._per_example_inputs(model, data.input_ids[:4], data.attention_mask[:4])
+    inputs = privacy._per_example_inputs(
+        data.input_ids[:4], data.attention_mask[:4], privacy._forward_params(model)
+    )
     assert inputs["position_ids"].shape == inputs["input_ids"].shape
     model.module.eval()
     with torch.no_grad():
