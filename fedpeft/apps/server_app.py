@@ -195,9 +195,7 @@ def discover_clients(grid: MeteredGrid, cfg: RunConfig) -> dict[int, dict[str, f
                 f"says num-clients={cfg.num_clients}; start as many SuperNodes as num-clients"
             )
         described[reply.metadata.src_node_id] = {
-            k: float(_int(metrics, k) if k.endswith("-id") else v)
-            for k, v in metrics.items()
-            if isinstance(v, (int, float))
+            k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))
         }
     if len(described) < cfg.num_clients:
         raise ClientDiscoveryError(f"only {len(described)} of {cfg.num_clients} nodes answered discovery")

@@ -85,6 +85,20 @@ class CompeftCodec:
         return segment_topk(x, template.offsets, self.cfg.density)
 
     def encode(self, update: Mapping[str, np.ndarray], *, base: int = 0) -> tuple[bytes, EncodeStats]:
+        """The payload of ``update`` and its sizes."""
+        payload, stats, _ = self._encode(update, base)
+        return payload, stats
+
+    def encode_reconstructed(
+        self, update: Mapping[str, np.ndarray], *, base: int = 0
+    ) -> tuple[bytes, EncodeStats, dict[str, np.ndarray]]:
+        """As :meth:`encode`, plus what a receiver will decode (without parsing the payload)."""
+        payload, stats, (template, idx, scales, kept) = self._encode(update, base)
+        return payload, stats, template.unflatten(_dense(template, idx, scales, kept))
+
+    def _encode(
+        self, update: Mapping[str, np.ndarray], base: int
+    ) -> tuple[bytes, EncodeStats, tuple[Template, np.ndarray, np.ndarray, np.ndarray]]:
         template = Template.of(update)
         x = template.flatten(update)
         if not np.all(np.isfinite(x)):
@@ -95,19 +109,22 @@ class CompeftCodec:
         if self.cfg.values == "fp16":
             flags |= FLAG_FP16_VALUES
             scales = np.zeros(len(template.names) if per_tensor else 1, dtype=np.float32)
-            values = x[idx].astype("<f2").tobytes()
+            kept = x[idx].astype("<f2")
+            values = kept.tobytes()
         else:
             scales = scales_for(
                 x, idx, template.offsets, scale=self.cfg.scale, alpha=self.cfg.alpha, per_tensor=per_tensor
             )
-            values = np.packbits(x[idx] < 0).tobytes()  # one bit per sign: 1 = negative
+            kept = x[idx] < 0
+            values = np.packbits(kept).tobytes()  # one bit per sign: 1 = negative
         header = Header(
             flags, self._coder_id, template.fingerprint, x.size, idx.size, len(template.names), base, 0
         )
         positions = self._encode_positions(idx, x.size)
         payload = pack(header, scales, positions, values)
         overhead = len(payload) - len(positions) - len(values)
-        return payload, EncodeStats(x.size, idx.size, 4 * x.size, len(payload), overhead)
+        stats = EncodeStats(x.size, idx.size, 4 * x.size, len(payload), overhead)
+        return payload, stats, (template, idx, scales, kept)
 
     # ------------------------------------------------------------------ decode
     def decode(self, payload: bytes, template: Template, *, base: int | None = None) -> dict[str, np.ndarray]:
@@ -135,16 +152,27 @@ class CompeftCodec:
         vals = rest[4 * num_scales + header.positions_len :]
         _, _, decode_positions = CODERS[CODER_BY_ID[header.coder]]
         idx = decode_positions(pos, header.k, n)
-        out = np.zeros(n, dtype=np.float32)
         if fp16:
-            out[idx] = np.frombuffer(vals, dtype="<f2").astype(np.float32)
+            kept = np.frombuffer(vals, dtype="<f2")
         else:
-            signs = np.unpackbits(np.frombuffer(vals, dtype=np.uint8))[: header.k]
-            scale = scales[segment_of(idx, template.offsets)] if num_scales > 1 else scales[0]
-            out[idx] = np.where(signs == 1, -scale, scale)
+            kept = np.unpackbits(np.frombuffer(vals, dtype=np.uint8))[: header.k].astype(bool)
+        out = _dense(template, idx, scales, kept)
         if not np.all(np.isfinite(out)):
             raise PayloadError("nonfinite", "payload decodes to NaN or Inf")
         return template.unflatten(out)
+
+
+def _dense(template: Template, idx: np.ndarray, scales: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """The flat float32 update: fp16 values, or sign (``kept`` True = negative) * scale, at ``idx``."""
+    out = np.zeros(template.size, dtype=np.float32)
+    if idx.size == 0:
+        return out
+    if kept.dtype == np.bool_:
+        scale = scales[segment_of(idx, template.offsets)] if scales.size > 1 else scales[0]
+        out[idx] = np.where(kept, -scale, scale)
+    else:
+        out[idx] = kept.astype(np.float32)
+    return out
 
 
 def with_error_feedback(
@@ -160,6 +188,5 @@ def with_error_feedback(
     (error feedback, Seide et al. 2014; Karimireddy et al. 2019).
     """
     corrected = {k: update[k] + residual[k] for k in update} if residual else dict(update)
-    payload, stats = codec.encode(corrected, base=base)
-    decoded = codec.decode(payload, Template.of(corrected))
+    payload, stats, decoded = codec.encode_reconstructed(corrected, base=base)
     return payload, stats, {k: corrected[k] - decoded[k] for k in corrected}

@@ -164,8 +164,7 @@ class CompressedTransport(StrategyWrapper):
             self._held = dense
         else:
             delta = {k: dense[k] - self._held[k] for k in dense}  # includes what earlier rounds lost
-            delta_payload, _ = self.codec.encode(delta, base=base)
-            decoded = self.codec.decode(delta_payload, Template.of(delta), base=base)
+            delta_payload, _, decoded = self.codec.encode_reconstructed(delta, base=base)
             self._held = {k: self._held[k] + decoded[k] for k in dense}
         self._version = server_round
         self._reference[server_round] = self._held
