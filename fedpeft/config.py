@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import random
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -68,6 +70,22 @@ class LoraConfig:
     alpha: float = field(default=16.0, metadata=_range(0.0, lo_open=True))
     dropout: float = field(default=0.05, metadata=_range(0.0, 0.99))
     target_modules: tuple[str, ...] = ("query", "value")
+    # FFA-LoRA (Sun et al., 2024): keep A at its shared seeded initialisation; only B trains
+    # and travels.  Implied by strategy.name = "ffa-lora".
+    freeze_a: bool = False
+    # Heterogeneous ranks: "" (every client uses r), a list cycled over partition ids
+    # ("4,8,16"; give num-clients entries for one per client), or a distribution
+    # ("4:0.5,8:0.3,16:0.2", drawn per partition with the run's seed).  Needs a strategy
+    # that serves mixed ranks (flexlora, flora).
+    ranks: tuple[str, ...] = ()
+
+    def rank_of(self, partition_id: int, seed: int) -> int:
+        """The LoRA rank of client ``partition_id`` (the same on the server and the client)."""
+        return rank_of(self.ranks, self.r, partition_id, seed)
+
+    def all_ranks(self, num_clients: int, seed: int) -> list[int]:
+        """Every client's rank, by partition id."""
+        return [self.rank_of(pid, seed) for pid in range(num_clients)]
 
 
 @dataclass(frozen=True)
@@ -75,6 +93,41 @@ class PeftConfig:
     """Which parameter-efficient method trains (and travels); see ``fedpeft.models.methods``."""
 
     method: str = "lora"
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """Prompt tuning (Lester et al., 2021) through HF peft's ``PromptTuningConfig``."""
+
+    num_virtual_tokens: int = field(default=10, metadata=_range(1, 512))
+
+
+@dataclass(frozen=True)
+class PrefixConfig:
+    """Prefix tuning (Li & Liang, 2021) through HF peft's ``PrefixTuningConfig``."""
+
+    num_virtual_tokens: int = field(default=10, metadata=_range(1, 512))
+    # Reparameterise the prefix through an MLP while training (more parameters travel).
+    projection: bool = False
+
+
+@dataclass(frozen=True)
+class IA3Config:
+    """(IA)^3 (Liu et al., 2022) through HF peft's ``IA3Config``; "" = peft's defaults for the model."""
+
+    target_modules: tuple[str, ...] = ()
+    feedforward_modules: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Bottleneck adapters (Houlsby et al., 2019), the "adapter" of FedPEFT."""
+
+    # Width of the down-projection.
+    bottleneck: int = field(default=32, metadata=_range(1, 4096))
+    # After the attention output projection, the feed-forward output projection, or both.
+    placement: str = field(default="both", metadata=_choices("both", "attention", "ffn"))
+    activation: str = field(default="gelu", metadata=_choices("gelu", "relu", "tanh"))
 
 
 @dataclass(frozen=True)
@@ -170,9 +223,22 @@ class DPConfig:
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    """Server aggregation: a registered name or an importable ``module:Class``."""
+    """Server aggregation: a registered name or an importable ``module:Class``.
+
+    ``kwargs`` holds the strategy's own settings, given as ``strategy.kwargs.<name>``
+    (``strategy.kwargs.proximal-mu = 0.01`` reaches the constructor as ``proximal_mu``).
+    Which names a strategy accepts is checked when it is built, before the run starts.
+    """
 
     name: str = "fedavg"
+    kwargs: tuple[tuple[str, ConfigValue], ...] = ()
+
+    def kwarg_dict(self) -> dict[str, ConfigValue]:
+        """The settings as constructor keyword arguments (dashes become underscores)."""
+        return {_attr(k): v for k, v in self.kwargs}
+
+
+STRATEGY_KWARGS_PREFIX = "strategy.kwargs."
 
 
 @dataclass(frozen=True)
@@ -198,6 +264,10 @@ class RunConfig:
     model: ModelConfig = ModelConfig()
     peft: PeftConfig = PeftConfig()
     lora: LoraConfig = LoraConfig()
+    prompt: PromptConfig = PromptConfig()
+    prefix: PrefixConfig = PrefixConfig()
+    ia3: IA3Config = IA3Config()
+    adapter: AdapterConfig = AdapterConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     codec: CodecConfig = CodecConfig()
@@ -215,7 +285,13 @@ class RunConfig:
         schema = config_schema()
         sections: dict[str, dict[str, Any]] = {}
         top: dict[str, Any] = {}
+        strategy_kwargs: dict[str, ConfigValue] = {}
         for key, value in raw.items():
+            if key.startswith(STRATEGY_KWARGS_PREFIX) and len(key) > len(STRATEGY_KWARGS_PREFIX):
+                if not isinstance(value, (bool, int, float, str)):
+                    raise ConfigError(f"config key '{key}' expects a scalar, got {value!r}")
+                strategy_kwargs[_key(key[len(STRATEGY_KWARGS_PREFIX) :])] = value
+                continue
             if key not in schema:
                 raise ConfigError(
                     f"unknown config key '{key}'{did_you_mean(key, schema)} "
@@ -227,6 +303,12 @@ class RunConfig:
                 top[fld.name] = converted
             else:
                 sections.setdefault(_section_of(owner), {})[fld.name] = converted
+        if strategy_kwargs:
+            sections.setdefault("strategy", {})["kwargs"] = tuple(sorted(strategy_kwargs.items()))
+        # FFA-LoRA is LoRA with A frozen: the strategy name implies it (a ``false`` from the
+        # pyproject defaults cannot be told apart from one a user wrote, so it does not veto).
+        if sections.get("strategy", {}).get("name") == "ffa-lora":
+            sections.setdefault("lora", {})["freeze_a"] = True
         for section, values in sections.items():
             top[section] = dataclasses.replace(getattr(cls(), section), **values)
         cfg = cls(**top)
@@ -241,6 +323,12 @@ class RunConfig:
             )
         if not self.lora.target_modules:
             raise ConfigError("config key 'lora.target-modules' must name at least one module")
+        parse_ranks(self.lora.ranks)  # raises on a malformed list or distribution
+        if self.peft.method != "lora" and (self.lora.ranks or self.lora.freeze_a):
+            raise ConfigError(
+                f"config keys 'lora.ranks' / 'lora.freeze-a' (or strategy 'ffa-lora') need "
+                f"peft.method = 'lora', not {self.peft.method!r}"
+            )
         dev = self.device
         if not (dev in ("auto", "cpu", "mps", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ConfigError(
@@ -253,8 +341,47 @@ class RunConfig:
         for key, (owner, fld) in config_schema().items():
             obj: Any = self if owner is RunConfig else getattr(self, _section_of(owner))
             value = getattr(obj, fld.name)
+            if fld.name == "kwargs":
+                continue
             out[key] = ",".join(value) if isinstance(value, tuple) else value
+        out.update({STRATEGY_KWARGS_PREFIX + k: v for k, v in self.strategy.kwargs})
         return out
+
+
+# ---------------------------------------------------------------------- ranks
+def parse_ranks(spec: tuple[str, ...]) -> list[tuple[int, float]]:
+    """``("4", "8")`` -> [(4, 0), (8, 0)] (a list); ``("4:0.5", "8:0.5")`` -> a distribution."""
+    out: list[tuple[int, float]] = []
+    for item in spec:
+        rank, _, weight = item.partition(":")
+        try:
+            r, w = int(rank), float(weight) if weight else 0.0
+        except ValueError:
+            raise ConfigError(
+                f"config key 'lora.ranks': cannot read {item!r}; give ranks ('4,8,16') "
+                "or rank:probability pairs ('4:0.5,8:0.5')"
+            ) from None
+        if r < 1 or w < 0:
+            raise ConfigError(f"config key 'lora.ranks': {item!r} needs a rank >= 1 and a probability >= 0")
+        out.append((r, w))
+    weighted = {bool(item.partition(":")[2]) for item in spec}
+    if len(weighted) > 1:
+        raise ConfigError("config key 'lora.ranks': mix of plain ranks and rank:probability pairs")
+    if weighted == {True} and not math.isclose(sum(w for _, w in out), 1.0, abs_tol=1e-6):
+        raise ConfigError(f"config key 'lora.ranks': probabilities sum to {sum(w for _, w in out)}, not 1")
+    return out
+
+
+def rank_of(spec: tuple[str, ...], default: int, partition_id: int, seed: int) -> int:
+    """Client ``partition_id``'s rank under ``spec`` (see :attr:`LoraConfig.ranks`)."""
+    parsed = parse_ranks(spec)
+    if not parsed:
+        return default
+    if all(w == 0 for _, w in parsed):
+        return parsed[partition_id % len(parsed)][0]
+    # A draw that depends on (seed, partition) only, never on call order.
+    rng = random.Random(f"fedpeft-lora-rank-{seed}-{partition_id}")
+    return rng.choices([r for r, _ in parsed], weights=[w for _, w in parsed])[0]
 
 
 # ---------------------------------------------------------------------- schema
@@ -267,6 +394,10 @@ def _section_of(owner: type) -> str:
 
 def _key(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _attr(key: str) -> str:
+    return key.replace("-", "_")
 
 
 def config_schema() -> dict[str, tuple[type, dataclasses.Field[Any]]]:
@@ -282,6 +413,8 @@ def config_schema() -> dict[str, tuple[type, dataclasses.Field[Any]]]:
             schema[_key(f.name)] = (RunConfig, f)
     for section, owner in _SECTIONS.items():
         for f in dataclasses.fields(owner):
+            if owner is StrategyConfig and f.name == "kwargs":
+                continue  # an open namespace, ``strategy.kwargs.<name>``
             schema[f"{section}.{_key(f.name)}"] = (owner, f)
     return schema
 

@@ -84,11 +84,16 @@ def _lora(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
         target_modules=list(cfg.lora.target_modules),
     )
     try:
-        return get_peft_model(model, lora)
+        wrapped = get_peft_model(model, lora)
     except ValueError as err:
         raise unknown_choice(
             "lora.target-modules", ",".join(cfg.lora.target_modules), _leaf_module_names(model)
         ) from err
+    if cfg.lora.freeze_a:  # FFA-LoRA: A stays at the shared seeded init, so it never travels
+        for name, p in wrapped.named_parameters():
+            if ".lora_A." in name:
+                p.requires_grad_(False)
+    return wrapped
 
 
 @register_method("full", "full fine-tuning: every parameter trains and travels", is_peft_adapter=False)
