@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import tomllib
+
 ConfigValue = bool | int | float | str
 
 
@@ -225,20 +227,43 @@ class DPConfig:
 class StrategyConfig:
     """Server aggregation: a registered name or an importable ``module:Class``.
 
-    ``kwargs`` holds the strategy's own settings, given as ``strategy.kwargs.<name>``
-    (``strategy.kwargs.proximal-mu = 0.01`` reaches the constructor as ``proximal_mu``).
-    Which names a strategy accepts is checked when it is built, before the run starts.
+    ``kwargs`` holds the strategy's own settings as ``name=value`` pairs, comma-separated
+    (``strategy.kwargs = "proximal-mu=0.01"`` reaches the constructor as
+    ``proximal_mu=0.01``); values are read as TOML scalars (numbers, true/false, else
+    text).  One string key, because Flower refuses run-config keys that ``pyproject.toml``
+    does not declare.  Which names a strategy accepts is checked when it is built, before
+    the run starts.
     """
 
     name: str = "fedavg"
-    kwargs: tuple[tuple[str, ConfigValue], ...] = ()
+    kwargs: tuple[str, ...] = ()
 
     def kwarg_dict(self) -> dict[str, ConfigValue]:
         """The settings as constructor keyword arguments (dashes become underscores)."""
-        return {_attr(k): v for k, v in self.kwargs}
+        return parse_kwargs(self.kwargs)
 
 
-STRATEGY_KWARGS_PREFIX = "strategy.kwargs."
+def parse_kwargs(items: tuple[str, ...]) -> dict[str, ConfigValue]:
+    """``("proximal-mu=0.01", "name=x")`` -> ``{"proximal_mu": 0.01, "name": "x"}``."""
+    out: dict[str, ConfigValue] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.replace("-", "_").isidentifier():
+            raise ConfigError(
+                f"config key 'strategy.kwargs': cannot read {item!r}; give name=value pairs, "
+                "comma-separated (e.g. 'proximal-mu=0.01,server-learning-rate=0.5')"
+            )
+        out[_attr(key)] = _scalar(raw.strip())
+    return out
+
+
+def _scalar(raw: str) -> ConfigValue:
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+    return value if isinstance(value, (bool, int, float, str)) else raw
 
 
 @dataclass(frozen=True)
@@ -285,13 +310,7 @@ class RunConfig:
         schema = config_schema()
         sections: dict[str, dict[str, Any]] = {}
         top: dict[str, Any] = {}
-        strategy_kwargs: dict[str, ConfigValue] = {}
         for key, value in raw.items():
-            if key.startswith(STRATEGY_KWARGS_PREFIX) and len(key) > len(STRATEGY_KWARGS_PREFIX):
-                if not isinstance(value, (bool, int, float, str)):
-                    raise ConfigError(f"config key '{key}' expects a scalar, got {value!r}")
-                strategy_kwargs[_key(key[len(STRATEGY_KWARGS_PREFIX) :])] = value
-                continue
             if key not in schema:
                 raise ConfigError(
                     f"unknown config key '{key}'{did_you_mean(key, schema)} "
@@ -303,8 +322,6 @@ class RunConfig:
                 top[fld.name] = converted
             else:
                 sections.setdefault(_section_of(owner), {})[fld.name] = converted
-        if strategy_kwargs:
-            sections.setdefault("strategy", {})["kwargs"] = tuple(sorted(strategy_kwargs.items()))
         # FFA-LoRA is LoRA with A frozen: the strategy name implies it (a ``false`` from the
         # pyproject defaults cannot be told apart from one a user wrote, so it does not veto).
         if sections.get("strategy", {}).get("name") == "ffa-lora":
@@ -324,6 +341,7 @@ class RunConfig:
         if not self.lora.target_modules:
             raise ConfigError("config key 'lora.target-modules' must name at least one module")
         parse_ranks(self.lora.ranks)  # raises on a malformed list or distribution
+        parse_kwargs(self.strategy.kwargs)
         if self.peft.method != "lora" and (self.lora.ranks or self.lora.freeze_a):
             raise ConfigError(
                 f"config keys 'lora.ranks' / 'lora.freeze-a' (or strategy 'ffa-lora') need "
@@ -335,16 +353,35 @@ class RunConfig:
                 f"config key 'device': unknown value {dev!r} (valid: auto, cpu, cuda, cuda:N, mps)"
             )
 
+    def for_partition(self, partition_id: int) -> RunConfig:
+        """This config as client ``partition_id`` builds its model (its own LoRA rank)."""
+        rank = self.lora.rank_of(partition_id, self.seed)
+        return (
+            self
+            if rank == self.lora.r
+            else dataclasses.replace(self, lora=dataclasses.replace(self.lora, r=rank))
+        )
+
+    def for_server(self) -> RunConfig:
+        """This config as the server builds its template: the largest client rank."""
+        rank = max(self.lora.all_ranks(self.num_clients, self.seed))
+        return (
+            self
+            if rank == self.lora.r
+            else dataclasses.replace(self, lora=dataclasses.replace(self.lora, r=rank))
+        )
+
+    def heterogeneous_ranks(self) -> bool:
+        """Whether clients train LoRA adapters of different ranks."""
+        return len(set(self.lora.all_ranks(self.num_clients, self.seed))) > 1
+
     def to_run_config(self) -> dict[str, ConfigValue]:
         """The flat Flower run config that rebuilds this object (round trip)."""
         out: dict[str, ConfigValue] = {}
         for key, (owner, fld) in config_schema().items():
             obj: Any = self if owner is RunConfig else getattr(self, _section_of(owner))
             value = getattr(obj, fld.name)
-            if fld.name == "kwargs":
-                continue
             out[key] = ",".join(value) if isinstance(value, tuple) else value
-        out.update({STRATEGY_KWARGS_PREFIX + k: v for k, v in self.strategy.kwargs})
         return out
 
 
@@ -413,8 +450,6 @@ def config_schema() -> dict[str, tuple[type, dataclasses.Field[Any]]]:
             schema[_key(f.name)] = (RunConfig, f)
     for section, owner in _SECTIONS.items():
         for f in dataclasses.fields(owner):
-            if owner is StrategyConfig and f.name == "kwargs":
-                continue  # an open namespace, ``strategy.kwargs.<name>``
             schema[f"{section}.{_key(f.name)}"] = (owner, f)
     return schema
 

@@ -16,6 +16,7 @@ step; otherwise :class:`PrivacyError` is raised, naming the parameter.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -26,7 +27,9 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from flwr.app import ConfigRecord
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.hooks import RemovableHandle
 
 from fedpeft.config import DPConfig, TrainConfig
 from fedpeft.models import FedModel
@@ -146,9 +149,20 @@ def plan_round(cfg: DPConfig, train: TrainConfig, num_examples: int, num_rounds:
 
 
 def train_private(
-    model: FedModel, data: Encoded, train: TrainConfig, plan: RoundPlan, dp: DPConfig, seed: int
+    model: FedModel,
+    data: Encoded,
+    train: TrainConfig,
+    plan: RoundPlan,
+    dp: DPConfig,
+    seed: int,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
-    """``plan.steps`` DP-SGD steps (Poisson batches, clipped, noised) on the exchanged params."""
+    """``plan.steps`` DP-SGD steps (Poisson batches, clipped, noised) on the exchanged params.
+
+    ``proximal_mu > 0`` (FedProx) adds ``mu * (w - w_global)`` to the *noised* gradient:
+    the term depends on no example, so it is post-processing and costs no privacy (added
+    to the loss instead, Opacus' per-sample hooks would never see it).
+    """
     from opacus import PrivacyEngine
 
     torch.manual_seed(seed)
@@ -175,12 +189,18 @@ def train_private(
         except Exception as err:  # Opacus' own validators: say so without its stack
             raise PrivacyError(f"Opacus cannot make method {model.method!r} private: {err}") from err
     dp_module, dp_optimizer, dp_loader = made[0], made[1], made[2]
+    handles: list[RemovableHandle] = []
     try:
+        handles = _ia3_grad_sample_hooks(module, dp_optimizer.loss_reduction)
         with warnings.catch_warnings():
             # Opacus' hooks on a frozen backbone: the inputs need no gradient, by design.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            return _dp_steps(model, dp_module, dp_optimizer, dp_loader, plan.steps, _forward_params(model))
+            return _dp_steps(
+                model, dp_module, dp_optimizer, dp_loader, plan.steps, _forward_params(model), proximal_mu
+            )
     finally:
+        for handle in handles:
+            handle.remove()
         dp_module.to_standard_module()  # unhook, so the cached module can be wrapped again
         for p in params:
             p.grad_sample = None  # type: ignore[attr-defined]
@@ -188,11 +208,18 @@ def train_private(
 
 
 def _dp_steps(
-    model: FedModel, dp_module: Any, dp_optimizer: Any, dp_loader: Any, num_steps: int, accepted: set[str]
+    model: FedModel,
+    dp_module: Any,
+    dp_optimizer: Any,
+    dp_loader: Any,
+    num_steps: int,
+    accepted: set[str],
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     _check_optimizer(model, dp_optimizer)
     before = {k: p.detach().clone() for k, p in model.params.items()}
     params = list(model.params.values())
+    anchor = [before[k] for k in model.params]
     steps, total, seen = 0, 0.0, 0
     while steps < num_steps:
         for ids, mask, labels in dp_loader:
@@ -214,11 +241,23 @@ def _dp_steps(
                     _check_grad_samples(model, int(labels.numel()))
                 total += float(loss.detach())
                 seen += int(labels.numel())
-            dp_optimizer.step()
+            if proximal_mu > 0:
+                _proximal_step(dp_optimizer, params, anchor, proximal_mu)
+            else:
+                dp_optimizer.step()
             if steps == 0:
                 _check_moved(model, before)
             steps += 1
     return TrainResult(seen, steps, total / max(steps, 1))
+
+
+def _proximal_step(dp_optimizer: Any, params: list[Any], anchor: list[torch.Tensor], mu: float) -> None:
+    """Opacus' step with FedProx's gradient added after clipping and noise."""
+    if dp_optimizer.pre_step():  # clip per sample, sum, add noise, scale: p.grad is now private
+        with torch.no_grad():
+            for p, a in zip(params, anchor, strict=True):
+                p.grad.add_(p - a, alpha=mu)
+        dp_optimizer.original_optimizer.step()
 
 
 def _per_example_inputs(ids: torch.Tensor, mask: torch.Tensor, accepted: set[str]) -> dict[str, torch.Tensor]:
@@ -239,9 +278,78 @@ def _per_example_inputs(ids: torch.Tensor, mask: torch.Tensor, accepted: set[str
 
 
 def _forward_params(model: FedModel) -> set[str]:
+    """The id inputs that :func:`_per_example_inputs` passes: those of a table that trains.
+
+    (Prompt tuning would otherwise get position ids it drops, with a warning per step.)
+    """
     module: Any = model.module
     base = module.get_base_model() if hasattr(module, "get_base_model") else module
-    return set(inspect.signature(base.forward).parameters)
+    accepted = set(inspect.signature(base.forward).parameters)
+    for ids, table in (("position_ids", "position_embeddings"), ("token_type_ids", "token_type_embeddings")):
+        if not any(f"{table}." in name for name in model.params):
+            accepted.discard(ids)
+    return accepted
+
+
+def _ia3_grad_sample_hooks(module: nn.Module, loss_reduction: str) -> list[RemovableHandle]:
+    """Per-sample gradients of the (IA)^3 vectors, which Opacus' hooks cannot reach.
+
+    peft keeps each vector in a ``ParameterDict`` that the layer reads but never calls,
+    so Opacus hooks a module that never runs ("Per sample gradient is not initialized").
+    A forward hook on each (IA)^3 layer (found by its ``ia3_l`` vectors: only
+    ``fedpeft.models`` imports peft) computes ``grad_sample`` itself, on the scale Opacus
+    uses (per-example loss, so times the batch size for a mean loss).  The guards check the
+    result like any other per-sample gradient.
+    """
+    handles = []
+    for layer in module.modules():
+        vectors = getattr(layer, "ia3_l", None)
+        if not isinstance(vectors, nn.ParameterDict) or not any(p.requires_grad for p in vectors.values()):
+            continue
+        base = getattr(layer, "base_layer", None)
+        if (
+            len(vectors) != 1
+            or not isinstance(base, nn.Linear)
+            or not hasattr(layer, "is_feedforward")
+            or getattr(layer, "fan_in_fan_out", False)
+            or getattr(layer, "merged", False)
+        ):
+            raise PrivacyError(
+                "method 'ia3': per-sample gradients are implemented for one unmerged (IA)^3 "
+                f"adapter on nn.Linear layers, not on {type(layer).__name__} over {type(base).__name__}"
+            )
+        (vector,) = vectors.values()
+        hook = functools.partial(_ia3_forward_hook, vector=vector, per_example=loss_reduction == "mean")
+        handles.append(layer.register_forward_hook(hook))
+    return handles
+
+
+def _ia3_forward_hook(
+    layer: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    output: torch.Tensor,
+    *,
+    vector: nn.Parameter,
+    per_example: bool,
+) -> None:
+    if not (torch.is_grad_enabled() and output.requires_grad):
+        return
+    x = inputs[0].detach()
+
+    def on_grad(grad: torch.Tensor) -> None:
+        batch = grad.shape[0]
+        g = grad.detach() * batch if per_example else grad.detach()
+        base: Any = layer.base_layer
+        with torch.no_grad():
+            if layer.is_feedforward:  # out = base(x * v): d out / d v = x * (dL/d(x * v))
+                act, back = x.to(vector.dtype), g @ base.weight
+            else:  # out = base(x) * v: d out / d v = base(x) * dL/d out
+                act, back = base(x), g
+            sample = (act * back).reshape(batch, -1, act.shape[-1]).sum(dim=1).reshape(batch, *vector.shape)
+        previous = getattr(vector, "grad_sample", None)
+        vector.grad_sample = sample if previous is None else previous + sample  # type: ignore[attr-defined]
+
+    output.register_hook(on_grad)
 
 
 def _check_optimizer(model: FedModel, dp_optimizer: torch.optim.Optimizer) -> None:

@@ -61,11 +61,19 @@ def _batches(
         yield inputs, data.labels[sel].to(device)
 
 
-def train_local(model: FedModel, data: Encoded, cfg: TrainConfig, seed: int) -> TrainResult:
+def proximal_term(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's (Li et al., 2020) ``mu / 2 * ||w - w_global||^2`` over the exchanged tensors."""
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))  # type: ignore[return-value]
+
+
+def train_local(
+    model: FedModel, data: Encoded, cfg: TrainConfig, seed: int, proximal_mu: float = 0.0
+) -> TrainResult:
     """Run ``cfg.local_epochs`` epochs (capped at ``cfg.max_steps``) of AdamW on the exchanged params.
 
     ``seed`` fixes dropout and the shuffling order, so a client's round is reproducible
-    whichever worker runs it.
+    whichever worker runs it.  ``proximal_mu > 0`` adds FedProx's proximal term, anchored
+    at the tensors the client received.
     """
     if len(data) == 0:
         return TrainResult(0, 0, math.nan)
@@ -74,6 +82,7 @@ def train_local(model: FedModel, data: Encoded, cfg: TrainConfig, seed: int) -> 
     module = model.module
     module.train()
     params = list(model.params.values())
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optim = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     steps, total, seen = 0, 0.0, 0
     for _ in range(cfg.local_epochs):
@@ -81,8 +90,9 @@ def train_local(model: FedModel, data: Encoded, cfg: TrainConfig, seed: int) -> 
         for inputs, labels in _batches(data, order, cfg.batch_size, model.device):
             logits = module(**inputs).logits
             loss = F.cross_entropy(logits, labels)
+            objective = loss + proximal_term(params, anchor, proximal_mu) if anchor else loss
             optim.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             optim.step()
             steps += 1
             total += float(loss.detach())

@@ -1,16 +1,24 @@
-"""Strategy registry: a short name or any importable ``module:Class``.
+"""Strategy registry: a short name or any importable ``module:name``.
 
-Built-in names map to Flower's own strategies (``flwr.serverapp.strategy``); a user plugs
-in their own with ``strategy.name = "mypkg.mymod:MyStrategy"`` without touching this
-package.  Every strategy is built with the same sampling settings; keyword arguments a
-class does not accept are left out, so a user class only declares what it needs.
+Built-in names map to Flower's own strategies (``flwr.serverapp.strategy``) and to the
+LoRA-aware ones of this package; a user plugs in their own with ``strategy.name =
+"mypkg.mymod:MyStrategy"`` without touching this package.  ``module:name`` may also be a
+factory returning a Strategy, a plain ``aggregate(updates, weights)`` function or an
+object/class with ``init``/``apply`` (see :mod:`strategies.functional`).
+
+:func:`build_strategy` takes two kinds of keyword arguments: the app's *settings*
+(sampling, ``lora_alpha``, ``client_ranks``), offered to every strategy and left out
+where its constructor does not take them, so a user class only declares what it needs;
+and the user's ``strategy.kwargs.*``, which are strict: a name the constructor does not
+accept is an error naming the config key.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flwr.serverapp.strategy import (
@@ -26,9 +34,14 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from strategies.ffa_lora import FFALoRA
+from strategies.flexlora import FlexLoRA
+from strategies.flora import FLoRA
+from strategies.functional import functional_factory
+
 StrategyFactory = Callable[..., Strategy]
 
-# name -> (factory, citation).  Later issues add the LoRA-aware strategies here.
+# name -> (factory, citation).
 STRATEGIES: dict[str, tuple[StrategyFactory, str]] = {
     "fedavg": (FedAvg, "McMahan et al., 2017, Communication-Efficient Learning of Deep Networks"),
     "fedavgm": (
@@ -42,24 +55,40 @@ STRATEGIES: dict[str, tuple[StrategyFactory, str]] = {
     "fedmedian": (FedMedian, "Yin et al., 2018, Byzantine-Robust Distributed Learning"),
     "fedtrimmedavg": (FedTrimmedAvg, "Yin et al., 2018, Byzantine-Robust Distributed Learning"),
     "krum": (Krum, "Blanchard et al., 2017, Machine Learning with Adversaries"),
+    "ffa-lora": (
+        FFALoRA,
+        "Sun et al., ICLR 2024, Improving LoRA in Privacy-preserving Federated Learning",
+    ),
+    "flexlora": (
+        FlexLoRA,
+        "Bai et al., 2024, Federated Fine-tuning of Large Language Models under Heterogeneous "
+        "Tasks and Client Resources",
+    ),
+    "flora": (
+        FLoRA,
+        "Wang et al., NeurIPS 2024, FLoRA: Federated Fine-Tuning Large Language Models with "
+        "Heterogeneous Low-Rank Adaptations",
+    ),
 }
+STRATEGY_KWARGS_PREFIX = "strategy.kwargs."
 
 
 class StrategyError(ValueError):
     """The configured strategy cannot be found or built."""
 
 
+def _hint(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
 def resolve_strategy(name: str) -> StrategyFactory:
-    """The factory for a registered ``name`` or an importable ``module:Class``."""
+    """The factory for a registered ``name`` or an importable ``module:name``."""
     if name in STRATEGIES:
         return STRATEGIES[name][0]
     if ":" not in name:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(STRATEGIES), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
         raise StrategyError(
-            f"config key 'strategy.name': unknown value {name!r}{hint} "
+            f"config key 'strategy.name': unknown value {name!r}{_hint(name, list(STRATEGIES))} "
             f"(valid: {', '.join(sorted(STRATEGIES))}, or an importable 'module:Class')"
         )
     module_name, _, attr = name.partition(":")
@@ -67,24 +96,78 @@ def resolve_strategy(name: str) -> StrategyFactory:
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise StrategyError(f"config key 'strategy.name': cannot import {name!r}: {err}") from err
+    return as_factory(obj, name)
+
+
+def as_factory(obj: Any, label: str | None = None) -> StrategyFactory:
+    """``obj`` as a strategy factory: a Strategy class or factory as it is; an aggregate
+    function or init/apply object wrapped in a :class:`~strategies.functional.FunctionalStrategy`."""
+    label = label or getattr(obj, "__qualname__", repr(obj))
+    if isinstance(obj, type) and issubclass(obj, Strategy):
+        return obj
+    wrapped = functional_factory(obj)
+    if wrapped is not None:
+        return wrapped
     if not callable(obj):
-        raise StrategyError(f"config key 'strategy.name': {name!r} is not a class or factory")
+        raise StrategyError(
+            f"config key 'strategy.name': {label!r} is not a class or factory, an "
+            "aggregate(updates, weights) function, or an object with init/apply"
+        )
     return obj
 
 
-def build_strategy(name: str, **settings: Any) -> Strategy:
-    """Build the strategy ``name`` with the ``settings`` its constructor accepts."""
-    factory = resolve_strategy(name)
+def _dashed(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def build_strategy(
+    name: str | Callable[..., Any],
+    *,
+    user_kwargs: Mapping[str, Any] | None = None,
+    **settings: Any,
+) -> Strategy:
+    """Build the strategy ``name`` (registered name, ``module:name``, or the object itself).
+
+    ``settings`` are offered by the app and left out where the constructor does not take
+    them; ``user_kwargs`` (from ``strategy.kwargs.*``, names already python identifiers)
+    must all be accepted, else :class:`StrategyError` names the config key and lists
+    the accepted ones.  A constructor that rejects its values raises StrategyError too.
+    """
+    label = name if isinstance(name, str) else getattr(name, "__qualname__", repr(name))
+    factory = resolve_strategy(name) if isinstance(name, str) else as_factory(name, label)
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError) as err:
-        raise StrategyError(f"config key 'strategy.name': cannot inspect {name!r}: {err}") from err
+        raise StrategyError(f"config key 'strategy.name': cannot inspect {label!r}: {err}") from err
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    accepted = {k: v for k, v in settings.items() if takes_kwargs or k in params}
-    strategy = factory(**accepted)
+    by_name = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = {k for k, p in params.items() if p.kind in by_name}
+    accepted = {k: v for k, v in settings.items() if takes_kwargs or k in named}
+    user = dict(user_kwargs or {})
+    settable = sorted(_dashed(k) for k in named - set(settings))
+    for key in sorted(user):
+        config_key = f"{STRATEGY_KWARGS_PREFIX}{_dashed(key)}"
+        if not takes_kwargs and key not in named:
+            raise StrategyError(
+                f"config key '{config_key}': strategy {label!r} takes no setting "
+                f"{_dashed(key)!r}{_hint(_dashed(key), settable)} "
+                f"(accepted: {', '.join(settable) or 'none'})"
+            )
+        if key in accepted:
+            raise StrategyError(
+                f"config key '{config_key}': {key!r} is set by the run itself (from the run "
+                "config), not through strategy.kwargs"
+            )
+    try:
+        strategy = factory(**accepted, **user)
+    except StrategyError:
+        raise
+    except (TypeError, ValueError) as err:
+        given = f" with strategy.kwargs {sorted(_dashed(k) for k in user)}" if user else ""
+        raise StrategyError(f"config key 'strategy.name': cannot build {label!r}{given}: {err}") from err
     if not isinstance(strategy, Strategy):
         raise StrategyError(
-            f"config key 'strategy.name': {name!r} built a {type(strategy).__name__}, "
+            f"config key 'strategy.name': {label!r} built a {type(strategy).__name__}, "
             "not a flwr.serverapp.strategy.Strategy"
         )
     return strategy

@@ -37,7 +37,7 @@ def _setup(context: Context) -> tuple[RunConfig, int, int, FedModel, Encoded]:
     cfg = _config(frozenset(context.run_config.items()))
     pid = int(context.node_config["partition-id"])
     num = int(context.node_config["num-partitions"])
-    model = get_model(cfg, task.num_labels(cfg))
+    model = get_model(cfg.for_partition(pid), task.num_labels(cfg))
     return cfg, pid, num, model, task.client_train_set(cfg, pid, num)
 
 
@@ -70,6 +70,8 @@ def describe(msg: Message, context: Context) -> Message:
             "num-trainable": model.num_trainable,
         }
     )
+    if cfg.peft.method == "lora":  # strategies that serve mixed ranks send each node its own
+        metrics["lora-rank"] = cfg.lora.rank_of(pid, cfg.seed)
     if _local_dp(cfg):  # what one round will cost, so the server can keep the budget
         for key, value in _plan_metrics(_plan(cfg, len(data))).items():
             metrics[key] = value
@@ -103,13 +105,13 @@ def train(msg: Message, context: Context) -> Message:
     dp_metrics: dict[str, int | float | list[int] | list[float]] = {}
     if _local_dp(cfg):
         plan = _plan(cfg, len(data))
-        result = privacy.train_private(model, data, cfg.train, plan, cfg.dp, seed)
+        result = privacy.train_private(model, data, cfg.train, plan, cfg.dp, seed, _proximal_mu(msg))
         ledger = privacy.Ledger.from_record(context.state.config_records.get(LEDGER_STATE))
         ledger.add(plan.noise_multiplier, plan.sample_rate, result.steps)
         context.state[LEDGER_STATE] = ledger.to_record()
         dp_metrics = _plan_metrics(plan) | {"dp-epsilon": ledger.epsilon(cfg.dp.delta, cfg.dp.accountant)}
     else:
-        result = train_local(model, data, cfg.train, seed=seed)
+        result = train_local(model, data, cfg.train, seed=seed, proximal_mu=_proximal_mu(msg))
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,
@@ -134,6 +136,12 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     loss, acc = evaluate(model, data, cfg.train.eval_batch_size)
     metrics = MetricRecord({"num-examples": len(data), "eval_loss": loss, "eval_acc": acc})
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+
+def _proximal_mu(msg: Message) -> float:
+    """FedProx's ``mu``, which Flower's FedProx strategy sends in the train config."""
+    config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    return float(config.get("proximal-mu", 0.0))  # type: ignore[arg-type]
 
 
 def _round(msg: Message) -> int:

@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedpeft import task
 from fedpeft.codecs.flower import CompressedTransport, is_active
-from fedpeft.config import RunConfig
+from fedpeft.config import ConfigError, RunConfig
 from fedpeft.data import partition_stats
 from fedpeft.metering import MeteredGrid
 from fedpeft.models import get_model
@@ -58,11 +58,12 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
     labels = task.source(cfg).label_names
-    model = get_model(cfg, len(labels))
+    model = get_model(cfg.for_server(), len(labels))
     test_set = task.server_test_set(cfg)
     rejections = RejectionLog()
     plans: dict[int, RoundPlan] = {}  # filled at discovery
-    strategy, budget = strategy_stack(cfg, rejections, plans)
+    client_ranks: dict[int, int] = {}  # filled at discovery
+    strategy, budget = strategy_stack(cfg, rejections, plans, client_ranks)
 
     run_dir = run_dir_for(cfg)
     writer = ResultsWriter(run_dir)
@@ -93,6 +94,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     )
     described = discover_clients(metered, cfg)  # its messages count in round 0
     partition_of.update({node: int(m["partition-id"]) for node, m in described.items()})
+    client_ranks.update({node: int(m["lora-rank"]) for node, m in described.items() if "lora-rank" in m})
     plans.update(
         {
             node: RoundPlan(m["dp-noise-multiplier"], m["dp-sample-rate"], int(m["dp-steps"]))
@@ -113,7 +115,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     )
     final = result.arrays if len(result.arrays) else initial
     model.load_exchange_state(from_record(final))
-    model.save(run_dir / "adapter", labels)
+    model.save(run_dir / "adapter", labels, cfg=cfg.for_server())
     writer.plot()
     print(f"fedpeft: done in {time.perf_counter() - t0:.1f} s; results in {run_dir}", flush=True)
     return run_dir
@@ -125,21 +127,30 @@ def sampled_per_round(cfg: RunConfig) -> int:
 
 
 def strategy_stack(
-    cfg: RunConfig, rejections: RejectionLog, plans: dict[int, RoundPlan]
+    cfg: RunConfig,
+    rejections: RejectionLog,
+    plans: dict[int, RoundPlan],
+    client_ranks: dict[int, int] | None = None,
 ) -> tuple[Strategy, PrivacyBudget | None]:
     """The configured strategy inside its wrappers, innermost first: central DP, codec, budget.
 
     Central DP clips decoded dense updates, so it sits inside the codec; the budget sits
     outside everything so it sees every reply, also one the codec then rejects.
+    ``client_ranks`` (node id -> LoRA rank) is filled at discovery, for strategies that
+    send each node its own rank.
     """
     strategy = build_strategy(
         cfg.strategy.name,
+        user_kwargs=cfg.strategy.kwarg_dict(),
         fraction_train=cfg.fraction_train,
         min_train_nodes=cfg.min_train_clients,
         min_available_nodes=cfg.num_clients,
         fraction_evaluate=cfg.fraction_evaluate,
         min_evaluate_nodes=1,
+        lora_alpha=cfg.lora.alpha,
+        client_ranks=client_ranks if client_ranks is not None else {},
     )
+    check_compatible(cfg, strategy)
     if cfg.dp.mode in ("central", "both"):
         strategy = central_dp(strategy, cfg.dp, sampled_per_round(cfg))
     if is_active(cfg.codec):
@@ -148,6 +159,29 @@ def strategy_stack(
     if cfg.dp.mode in ("local", "both"):
         strategy = budget = PrivacyBudget(strategy, cfg.dp, plans, rejections)
     return strategy, budget
+
+
+def check_compatible(cfg: RunConfig, strategy: Strategy) -> None:
+    """Refuse combinations the strategy cannot serve, before anything starts."""
+    name = cfg.strategy.name
+    if cfg.heterogeneous_ranks() and not getattr(strategy, "supports_heterogeneous_ranks", False):
+        raise ConfigError(
+            f"config key 'lora.ranks' gives clients different ranks, which strategy {name!r} cannot "
+            "aggregate (shapes differ); use strategy.name = 'flexlora' or 'flora'"
+        )
+    if getattr(strategy, "rewrites_arrays", False):
+        # The codec and Flower's central-DP wrappers compute updates as reply - what was sent,
+        # which needs the same tensors both ways; these strategies change the layout per node.
+        if is_active(cfg.codec):
+            raise ConfigError(
+                f"strategy {name!r} sends per-node / merged LoRA layouts, which the codec does not "
+                "handle yet; set codec.name = 'none' and codec.downlink = 'fp32'"
+            )
+        if cfg.dp.mode in ("central", "both"):
+            raise ConfigError(
+                f"strategy {name!r} changes the tensor layout between rounds, which Flower's central "
+                "DP wrappers cannot clip; use dp.mode = 'local'"
+            )
 
 
 def privacy_figures(

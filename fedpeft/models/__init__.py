@@ -14,14 +14,17 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file, save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fedpeft.config import RunConfig
 from fedpeft.models.backbone import load_classifier, load_tokenizer, resolve_model_path
+from fedpeft.models.lora_layout import LoraLayout
 from fedpeft.models.methods import METHODS, canonical_name, get_method, register_method
 from fedpeft.runtime import resolve_device
 
@@ -33,9 +36,13 @@ __all__ = [
     "canonical_name",
     "get_method",
     "get_model",
+    "load_saved",
     "register_method",
     "resolve_model_path",
 ]
+
+
+EXCHANGED_FILE = "exchanged.safetensors"
 
 
 class ExchangeError(ValueError):
@@ -55,6 +62,8 @@ class FedModel:
     # The exchanged tensors as built (seeded init): where every run starts, even when a
     # cached model was trained by an earlier run in the same process.
     initial_state: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    # LoRA modules and their base weights (None for other methods): FLoRA's merged form.
+    lora: LoraLayout | None = None
 
     @property
     def num_trainable(self) -> int:
@@ -68,8 +77,34 @@ class FedModel:
         """Copy ``tensors`` into the live parameters; strict about names and shapes.
 
         Unlike peft's ``set_peft_model_state_dict`` (which loads with ``strict=False`` and
-        silently drops renamed keys) a missing or unexpected key is an error.
+        silently drops renamed keys) a missing or unexpected key is an error.  A LoRA model
+        also accepts FLoRA's merged form (see :mod:`fedpeft.models.lora_layout`): the update
+        goes into the base weights and the adapter restarts from its seeded initialisation.
         """
+        if self.lora is not None and self.lora.is_merged(tensors):
+            self._load_merged(tensors)
+            return
+        if self.lora is not None:
+            self.lora.restore()
+        self._load_params(tensors)
+
+    def _load_merged(self, tensors: Mapping[str, np.ndarray | torch.Tensor]) -> None:
+        assert self.lora is not None
+        expected = {k for k in self.params if not self.lora.is_factor_key(k)} | self.lora.merged_keys(tensors)
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        if missing or unexpected:
+            raise ExchangeError(
+                f"merged (FLoRA) tensors do not match the model: missing {missing[:5]} ({len(missing)}), "
+                f"unexpected {unexpected[:5]} ({len(unexpected)})"
+            )
+        try:
+            self.lora.load_merged(tensors)
+        except ValueError as err:
+            raise ExchangeError(str(err)) from err
+        fresh = {k: v for k, v in self.initial_state.items() if self.lora.is_factor_key(k)}
+        self._load_params({k: v for k, v in tensors.items() if k in self.params} | fresh)
+
+    def _load_params(self, tensors: Mapping[str, np.ndarray | torch.Tensor]) -> None:
         missing = sorted(set(self.params) - set(tensors))
         unexpected = sorted(set(tensors) - set(self.params))
         if missing or unexpected:
@@ -89,21 +124,37 @@ class FedModel:
                     raise ExchangeError(f"tensor {name!r}: dtype {value.dtype} is not floating point")
                 param.copy_(value.to(param.device, param.dtype))
 
-    def save(self, path: str | Path, label_names: tuple[str, ...] = ()) -> Path:
+    def saved_state(self) -> dict[str, np.ndarray]:
+        """What :meth:`save` writes: the exchanged tensors, or (FLoRA) the merged form.
+
+        A model holding a merged update in its base weights saves that update too; the
+        peft adapter folder alone would lose it.
+        """
+        if self.lora is None or not self.lora.merged:
+            return self.exchange_state()
+        state = self.exchange_state()
+        return {k: v for k, v in state.items() if not self.lora.is_factor_key(k)} | self.lora.merged_state()
+
+    def save(self, path: str | Path, label_names: tuple[str, ...] = (), cfg: RunConfig | None = None) -> Path:
         """Write the model the HF way: a peft adapter folder (or a full model) + tokenizer.
 
         A peft adapter loads back with ``PeftModel.from_pretrained(base, path)`` where
         ``base`` is ``AutoModelForSequenceClassification.from_pretrained(<model>,
-        num_labels=<K>)``.
+        num_labels=<K>)``.  Next to it: the exchanged tensors (``exchanged.safetensors``)
+        and, given ``cfg``, the run config that rebuilds the model (:func:`load_saved`).
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.module.save_pretrained(str(path))  # type: ignore[operator]
         self.tokenizer.save_pretrained(str(path))
+        save_file(self.saved_state(), str(path / EXCHANGED_FILE), metadata={"method": self.method})
+        config: Any = getattr(self.module, "config", None)
         meta = {
             "method": self.method,
             "label_names": list(label_names),
+            "num_labels": int(config.num_labels) if config is not None else len(label_names),
             "exchanged": list(self.params),
+            "cfg": cfg.to_run_config() if cfg is not None else None,
         }
         (path / "fedpeft.json").write_text(json.dumps(meta, indent=2))
         return path
@@ -128,10 +179,12 @@ def build_model(cfg: RunConfig, num_labels: int, device: str | None = None) -> F
             params[key] = p
     model = FedModel(module, load_tokenizer(cfg.model.name), method.name, dev, dict(sorted(params.items())))
     model.initial_state = model.exchange_state()
+    model.lora = LoraLayout.of(module)
     return model
 
 
-@functools.lru_cache(maxsize=2)
+# A few entries: a worker that serves clients of different LoRA ranks keeps one model per rank.
+@functools.lru_cache(maxsize=4)
 def _cached(cfg_key: RunConfig, num_labels: int, device: str) -> FedModel:
     return build_model(cfg_key, num_labels, device)
 
@@ -139,10 +192,37 @@ def _cached(cfg_key: RunConfig, num_labels: int, device: str) -> FedModel:
 def get_model(cfg: RunConfig, num_labels: int) -> FedModel:
     """The per-process model for ``cfg`` (built on first use, then reused)."""
     # Only the fields that shape the model are part of the cache key.
-    key = RunConfig(seed=cfg.seed, model=cfg.model, peft=cfg.peft, lora=cfg.lora)
+    key = RunConfig(
+        seed=cfg.seed,
+        model=cfg.model,
+        peft=cfg.peft,
+        lora=cfg.lora,
+        prompt=cfg.prompt,
+        prefix=cfg.prefix,
+        ia3=cfg.ia3,
+        adapter=cfg.adapter,
+    )
     return _cached(key, num_labels, str(resolve_device(cfg.device)))
 
 
 def model_cache_info() -> functools._CacheInfo:
     """How often :func:`get_model` built a model vs reused one (for benchmarks and tests)."""
     return _cached.cache_info()
+
+
+def load_saved(path: str | Path, device: str = "cpu") -> FedModel:
+    """The model that :meth:`FedModel.save` wrote to ``path``, rebuilt.
+
+    :func:`build_model` with the saved run config, then the saved exchanged tensors,
+    loaded strictly (a missing, unexpected or misshapen tensor is an :class:`ExchangeError`).
+    """
+    path = Path(path)
+    meta = json.loads((path / "fedpeft.json").read_text())
+    if not meta.get("cfg"):
+        raise ExchangeError(f"{path} was saved without its run config (FedModel.save(..., cfg=cfg))")
+    cfg = RunConfig.from_run_config(meta["cfg"])
+    if cfg.peft.method != meta["method"]:
+        raise ExchangeError(f"{path}: method {meta['method']!r} but its run config says {cfg.peft.method!r}")
+    model = build_model(cfg, int(meta["num_labels"]), device)
+    model.load_exchange_state(load_file(str(path / EXCHANGED_FILE)))
+    return model

@@ -8,6 +8,19 @@ one config dataclass per method in :mod:`fedpeft.config`.
 * ``lora``  -- LoRA (Hu et al., 2021) through HF peft's ``LoraConfig`` + the head.
 * ``full``  -- every parameter trains and travels: the baseline of FedPEFT (Sun et al.,
   2022) that byte ratios are measured against.
+* ``prompt`` -- prompt tuning (Lester et al., 2021): soft prompt tokens prepended to the
+  input embeddings, through HF peft's ``PromptTuningConfig``.
+* ``prefix`` -- prefix tuning (Li & Liang, 2021): trained keys and values prepended in every
+  attention layer, through HF peft's ``PrefixTuningConfig``.
+* ``ia3``   -- (IA)^3 (Liu et al., 2022): learned rescaling vectors of keys, values and
+  feed-forward activations, through HF peft's ``IA3Config``.
+* ``adapter`` -- bottleneck adapters (Houlsby et al., 2019), FedPEFT's "adapter"; written
+  by hand (:mod:`fedpeft.models.adapters`) since peft has none.
+* ``bitfit`` -- BitFit (Ben Zaken et al., 2022): every bias of the backbone.
+* ``head``  -- the classification head alone (linear probing).
+
+Every method trains (and exchanges) the classification head too, under the names
+``classifier.weight`` / ``classifier.bias``.
 """
 
 from __future__ import annotations
@@ -15,12 +28,24 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from peft import LoraConfig, TaskType, get_peft_model
+import torch
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PeftModelForSequenceClassification,
+    PeftType,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    TaskType,
+    get_peft_model,
+)
 from torch import nn
 from transformers import PreTrainedModel
 
-from fedpeft.config import RunConfig, unknown_choice
+from fedpeft.config import ConfigError, RunConfig, unknown_choice
+from fedpeft.models.adapters import add_adapters
 
 ApplyFn = Callable[[PreTrainedModel, RunConfig], nn.Module]
 
@@ -59,17 +84,22 @@ def get_method(name: str) -> PeftMethod:
         raise unknown_choice("peft.method", name, METHODS) from None
 
 
-_PEFT_WRAPPER = re.compile(r"^base_model\.model\.")
-_ADAPTER_SEGMENTS = re.compile(r"\.(modules_to_save\.default|default)(?=\.)")
+# ``base_model.model.`` for tuners that inject layers (LoRA, IA3), ``base_model.`` for
+# prompt learning (prompt, prefix), where ``base_model`` is the transformers model itself.
+_PEFT_WRAPPER = re.compile(r"^base_model\.(?:model\.)?")
+_ADAPTER_SEGMENTS = re.compile(r"\.(modules_to_save\.default|default)(?=\.|$)")
 
 
 def canonical_name(param_name: str) -> str:
     """The exchanged name of a parameter: peft's wrapper and adapter segments removed.
 
     ``base_model.model.bert...query.lora_A.default.weight`` becomes
-    ``bert...query.lora_A.weight`` and the trained copy of the head
-    (``classifier.modules_to_save.default.weight``) becomes ``classifier.weight`` -- the
-    names peft itself uses in a saved adapter, and independent of the adapter's name.
+    ``bert...query.lora_A.weight``, the trained copy of the head
+    (``classifier.modules_to_save.default.weight``, under ``base_model.`` or
+    ``base_model.model.``) becomes ``classifier.weight``,
+    ``prompt_encoder.default.embedding.weight`` becomes ``prompt_encoder.embedding.weight``
+    and an (IA)^3 vector ``...key.ia3_l.default`` becomes ``...key.ia3_l`` -- independent of
+    the adapter's name.
     """
     return _ADAPTER_SEGMENTS.sub("", _PEFT_WRAPPER.sub("", param_name))
 
@@ -101,6 +131,135 @@ def _full(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+class PerRowPromptModel(PeftModelForSequenceClassification):
+    """peft's sequence classifier, but the soft prompt is looked up once per example.
+
+    peft embeds the prompt tokens for one row and repeats the result over the batch, so
+    Opacus sees a batch of 1 for the prompt table (one "per-sample" gradient for the whole
+    batch: with the head frozen, the batch would be clipped as one example).  Looking the
+    prompt up with (batch, tokens) ids, contiguous, gives every example its own row; the
+    forward values are the same.
+    """
+
+    def get_prompt(
+        self, batch_size: int, task_ids: torch.Tensor | None = None, max_cache_len: int | None = None
+    ) -> torch.Tensor:
+        if self.active_peft_config.peft_type != PeftType.PROMPT_TUNING:
+            return super().get_prompt(batch_size, task_ids, max_cache_len)
+        encoder: Any = self.prompt_encoder[self.active_adapter]
+        tokens = self.prompt_tokens[self.active_adapter].to(encoder.embedding.weight.device)
+        return encoder(tokens.unsqueeze(0).expand(batch_size, -1).contiguous())
+
+
+@register_method("prompt", "prompt tuning (HF peft): soft prompt tokens + the head", is_peft_adapter=True)
+def _prompt(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
+    """Prompt tuning, Lester et al. (2021), "The Power of Scale for Parameter-Efficient Prompt Tuning".
+
+    ``prompt.num-virtual-tokens`` trained embeddings are prepended to every input (peft's
+    random initialisation, seeded by ``build_model``); the backbone stays frozen.
+    """
+    config = PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=cfg.prompt.num_virtual_tokens)
+    wrapped = get_peft_model(model, config)
+    if type(wrapped) is not PeftModelForSequenceClassification:  # pragma: no cover - peft's SEQ_CLS class
+        raise TypeError(f"peft returned {type(wrapped).__name__} for a SEQ_CLS prompt")
+    wrapped.__class__ = PerRowPromptModel  # adds behaviour only, no state
+    return wrapped
+
+
+@register_method(
+    "prefix", "prefix tuning (HF peft): trained keys/values in every layer + the head", is_peft_adapter=True
+)
+def _prefix(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
+    """Prefix tuning, Li & Liang (2021), "Prefix-Tuning: Optimizing Continuous Prompts for Generation".
+
+    ``prefix.num-virtual-tokens`` trained key/value pairs per attention layer;
+    ``prefix.projection`` reparameterises them through peft's two-layer MLP (which then
+    trains and travels too).
+    """
+    config = PrefixTuningConfig(
+        task_type=TaskType.SEQ_CLS,
+        num_virtual_tokens=cfg.prefix.num_virtual_tokens,
+        prefix_projection=cfg.prefix.projection,
+    )
+    return get_peft_model(model, config)
+
+
+@register_method(
+    "ia3", "(IA)^3 (HF peft): rescaling vectors of keys, values, FFN + the head", is_peft_adapter=True
+)
+def _ia3(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
+    """(IA)^3, Liu et al. (2022), "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper
+    than In-Context Learning".
+
+    Learned vectors rescale the outputs of ``ia3.target-modules`` (the inputs of those also
+    in ``ia3.feedforward-modules``); an empty list means peft's defaults for the model type
+    (for BERT: key, value, output.dense; output.dense as feed-forward).  The vectors start
+    at one, so the model starts as the pretrained one.
+    """
+    target = list(cfg.ia3.target_modules) or None
+    feedforward = list(cfg.ia3.feedforward_modules) or None
+    if target and feedforward and not set(feedforward) <= set(target):
+        raise ConfigError(
+            f"config key 'ia3.feedforward-modules' ({','.join(feedforward)}) must be a subset of "
+            f"'ia3.target-modules' ({','.join(target)})"
+        )
+    config = IA3Config(task_type=TaskType.SEQ_CLS, target_modules=target, feedforward_modules=feedforward)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        if target is None:
+            raise ConfigError(
+                f"peft.method 'ia3': peft has no default target modules for this model ({err}); "
+                "set 'ia3.target-modules' and 'ia3.feedforward-modules'"
+            ) from err
+        raise unknown_choice("ia3.target-modules", ",".join(target), _leaf_module_names(model)) from err
+
+
+@register_method(
+    "adapter", "bottleneck adapters (Houlsby) after attention/FFN outputs + the head", is_peft_adapter=False
+)
+def _adapter(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
+    """Bottleneck adapters, Houlsby et al. (2019), "Parameter-Efficient Transfer Learning for
+    NLP" -- the "adapter" of FedPEFT (Sun et al., 2022).  See :mod:`fedpeft.models.adapters`.
+    """
+    add_adapters(model, cfg.adapter.bottleneck, cfg.adapter.placement, cfg.adapter.activation)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".adapter." in name or _is_head(model, name))
+    return model
+
+
+@register_method("bitfit", "BitFit: every bias of the backbone + the head", is_peft_adapter=False)
+def _bitfit(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
+    """BitFit, Ben Zaken et al. (2022), "BitFit: Simple Parameter-efficient Fine-tuning for
+    Transformer-based Masked Language-models": only the bias terms train.
+    """
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith(".bias") or _is_head(model, name))
+    return model
+
+
+@register_method("head", "the classification head only (linear probing)", is_peft_adapter=False)
+def _head(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
+    """Linear probing: the frozen backbone's features, only the classification head trains."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(_is_head(model, name))
+    return model
+
+
+# The classification head of transformers' sequence classifiers (the names peft's SEQ_CLS
+# task keeps trainable as ``modules_to_save``).
+_HEADS = ("classifier", "score")
+
+
+def _is_head(model: nn.Module, param_name: str) -> bool:
+    head = next((h for h in _HEADS if isinstance(getattr(model, h, None), nn.Module)), None)
+    if head is None:
+        raise ConfigError(
+            f"model {type(model).__name__} has no classification head named {' or '.join(_HEADS)}"
+        )
+    return param_name.startswith(head + ".")
 
 
 def _leaf_module_names(model: nn.Module) -> set[str]:

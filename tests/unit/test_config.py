@@ -29,9 +29,9 @@ def test_every_key_round_trips():
 
 def test_unknown_key_names_it_suggests_and_lists_valid_keys():
     with pytest.raises(ConfigError) as err:
-        RunConfig.from_run_config({"lora.rank": 4})
+        RunConfig.from_run_config({"lora.alpah": 4})
     msg = str(err.value)
-    assert "'lora.rank'" in msg and "did you mean 'lora.r'" in msg and "data.partitioner" in msg
+    assert "'lora.alpah'" in msg and "did you mean 'lora.alpha'" in msg and "data.partitioner" in msg
 
 
 @pytest.mark.parametrize(
@@ -62,3 +62,32 @@ def test_ints_are_accepted_for_floats_and_cross_field_checks():
     with pytest.raises(ConfigError, match="lora.target-modules"):
         RunConfig.from_run_config({"lora.target-modules": " , "})
     assert RunConfig.from_run_config({"device": "cuda:1"}).device == "cuda:1"
+
+
+def test_strategy_kwargs_are_typed_name_value_pairs():
+    cfg = RunConfig.from_run_config({"strategy.kwargs": "proximal-mu=0.01, eta=1e-2, flag=true, tag=abc"})
+    assert cfg.strategy.kwarg_dict() == {"proximal_mu": 0.01, "eta": 0.01, "flag": True, "tag": "abc"}
+    assert RunConfig.from_run_config(cfg.to_run_config()) == cfg
+    with pytest.raises(ConfigError, match="name=value pairs"):
+        RunConfig.from_run_config({"strategy.kwargs": "proximal-mu"})
+
+
+@pytest.mark.parametrize(
+    ("ranks", "needle"),
+    [
+        ("4,x", "cannot read 'x'"),
+        ("4:0.5,8:0.4", "sum to"),
+        ("4:0.5,8", "mix of plain ranks"),
+        ("0", "rank >= 1"),
+    ],
+)
+def test_bad_rank_specs_are_named(ranks, needle):
+    with pytest.raises(ConfigError, match=needle):
+        RunConfig.from_run_config({"lora.ranks": ranks})
+
+
+def test_lora_only_keys_need_the_lora_method():
+    with pytest.raises(ConfigError, match="peft.method = 'lora'"):
+        RunConfig.from_run_config({"peft.method": "head", "lora.ranks": "2,4"})
+    with pytest.raises(ConfigError, match="peft.method = 'lora'"):
+        RunConfig.from_run_config({"peft.method": "bitfit", "strategy.name": "ffa-lora"})

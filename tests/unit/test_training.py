@@ -43,3 +43,28 @@ def test_training_lowers_the_loss_on_its_own_data(setup):
     after, acc = evaluate(model, data, 32)
     assert after < before and 0.0 <= acc <= 1.0
     model.load_exchange_state(init)
+
+
+def test_fedprox_term_keeps_the_update_near_the_global_tensors(setup):
+    _cfg, model, data = setup
+    init = model.exchange_state()
+    tcfg = TrainConfig(batch_size=8, max_steps=4, learning_rate=0.01)
+
+    def distance(mu: float) -> float:
+        model.load_exchange_state(init)
+        train_local(model, data, tcfg, seed=1, proximal_mu=mu)
+        after = model.exchange_state()
+        return float(sum(np.sum((after[k] - init[k]) ** 2) for k in init))
+
+    free, prox = distance(0.0), distance(500.0)
+    assert 0.0 < prox < free
+    model.load_exchange_state(init)
+
+
+def test_the_proximal_term_is_fedprox_formula():
+    import torch
+
+    from fedpeft.training import proximal_term
+
+    w, anchor = [torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])], [torch.zeros(2), torch.ones(1, 1)]
+    assert float(proximal_term(w, anchor, mu=0.5)) == pytest.approx(0.25 * (1 + 4 + 4))

@@ -1,0 +1,173 @@
+"""Every registered PEFT method honours the same contract (a new method gets this suite for free).
+
+Exactly the ``requires_grad`` tensors travel, under canonical names, with the head; loading
+is strict; a saved model comes back with the same logits; and a local DP-SGD round passes
+the privacy guards.  One model per method, built once for the module, on a tiny batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification
+
+from fedpeft import privacy, task
+from fedpeft.config import RunConfig
+from fedpeft.models import (
+    METHODS,
+    ExchangeError,
+    FedModel,
+    build_model,
+    canonical_name,
+    load_saved,
+    resolve_model_path,
+)
+from fedpeft.training import Encoded, train_local
+from tests.conftest import TINY
+
+ALL = sorted(METHODS)
+HEAD = ("classifier.bias", "classifier.weight")
+SENTENCES = ["stocks rallied on wall street", "the striker scored twice in the final"]
+
+
+@pytest.fixture(scope="module")
+def base_cfg() -> RunConfig:
+    return RunConfig.from_run_config(TINY | {"dp.mode": "local", "train.batch-size": 4, "train.max-steps": 2})
+
+
+@pytest.fixture(scope="module")
+def data(base_cfg) -> Encoded:
+    part = task.client_train_set(base_cfg, 0, 3)
+    return Encoded(part.input_ids[:16], part.attention_mask[:16], part.labels[:16])
+
+
+@pytest.fixture(scope="module")
+def built() -> dict[str, FedModel]:
+    return {}
+
+
+def _cfg(base_cfg: RunConfig, method: str) -> RunConfig:
+    return dataclasses.replace(base_cfg, peft=dataclasses.replace(base_cfg.peft, method=method))
+
+
+@pytest.fixture
+def model(request, built, base_cfg) -> FedModel:
+    """The module's one model of the test's method (built on first use)."""
+    method = request.node.callspec.params["method"]
+    if method not in built:
+        cfg = _cfg(base_cfg, method)
+        built[method] = build_model(cfg, task.num_labels(cfg))
+    return built[method]
+
+
+def _frozen(model: FedModel) -> dict[str, torch.Tensor]:
+    """Copies of every parameter that does not train, and of every buffer."""
+    out = {n: p.detach().clone() for n, p in model.module.named_parameters() if not p.requires_grad}
+    return out | {f"buffer:{n}": b.clone() for n, b in model.module.named_buffers()}
+
+
+def _assert_unchanged(model: FedModel, before: dict[str, torch.Tensor]) -> None:
+    after = _frozen(model)
+    assert after.keys() == before.keys()
+    moved = [n for n in before if not torch.equal(before[n], after[n])]
+    assert not moved, f"frozen tensors changed: {moved[:5]}"
+
+
+def _logits(model: FedModel | torch.nn.Module, tokenizer) -> torch.Tensor:
+    module = model.module if isinstance(model, FedModel) else model
+    module.eval()
+    with torch.no_grad():
+        return module(**tokenizer(SENTENCES, return_tensors="pt", padding=True)).logits
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_exactly_the_trainable_tensors_travel_and_nothing_else_trains(method, model, data, base_cfg):
+    trainable = {n: p for n, p in model.module.named_parameters() if p.requires_grad}
+    assert {canonical_name(n) for n in trainable} == set(model.params)
+    assert {id(p) for p in trainable.values()} == {id(p) for p in model.params.values()}
+    assert model.num_trainable == sum(p.numel() for p in trainable.values()) > 0
+
+    frozen, before = _frozen(model), model.exchange_state()
+    result = train_local(model, data, base_cfg.train, seed=0)
+    assert result.steps == 2
+    _assert_unchanged(model, frozen)
+    after = model.exchange_state()
+    # The head always gets a gradient; LoRA's A / an adapter's down may not in step 1.
+    assert all(not np.array_equal(before[k], after[k]) for k in HEAD)
+    assert any(not np.array_equal(before[k], after[k]) for k in before if k not in HEAD) or method == "head"
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_exchanged_names_are_canonical_and_include_the_head(method, model):
+    names = list(model.params)
+    assert names == sorted(names)
+    assert set(HEAD) <= set(names)
+    for name in names:
+        assert canonical_name(name) == name
+        assert not name.startswith("base_model."), name
+        assert ".default." not in name and not name.endswith(".default"), name
+        assert "modules_to_save" not in name and "original_module" not in name, name
+    assert METHODS[method].description
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_loading_is_strict(method, model):
+    state = model.exchange_state()
+    with pytest.raises(ExchangeError, match="missing"):
+        model.load_exchange_state({k: v for k, v in state.items() if k != "classifier.bias"})
+    with pytest.raises(ExchangeError, match="unexpected"):
+        model.load_exchange_state(state | {"not.a.parameter.weight": np.zeros(3, np.float32)})
+    bad, (rows, cols) = dict(state), state["classifier.weight"].shape
+    bad["classifier.weight"] = np.zeros((rows + 1, cols), np.float32)
+    with pytest.raises(ExchangeError, match="shape"):
+        model.load_exchange_state(bad)
+    model.load_exchange_state(state)
+    assert all(np.array_equal(state[k], v) for k, v in model.exchange_state().items())
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_saved_model_loads_back_with_the_same_logits(method, model, data, base_cfg, tmp_path):
+    cfg = _cfg(base_cfg, method)
+    train_local(model, data, dataclasses.replace(cfg.train, max_steps=1), seed=1)
+    model.save(tmp_path / "saved", ("a", "b", "c", "d", "e"), cfg=cfg)
+    loaded = load_saved(tmp_path / "saved")
+    assert loaded.method == method and list(loaded.params) == list(model.params)
+    expected = _logits(model, model.tokenizer)
+    assert torch.allclose(_logits(loaded, loaded.tokenizer), expected, atol=1e-6)
+    if METHODS[method].is_peft_adapter:  # still a plain peft adapter folder
+        base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path("minilm"), num_labels=5)
+        peft_model = PeftModel.from_pretrained(base, str(tmp_path / "saved"))
+        assert torch.allclose(_logits(peft_model, model.tokenizer), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_a_private_round_passes_the_guards_and_trains(method, model, data, base_cfg):
+    names = [n for n, _ in model.module.named_parameters()]
+    frozen, before = _frozen(model), model.exchange_state()
+    plan = privacy.RoundPlan(noise_multiplier=1.0, sample_rate=4 / len(data), steps=2)
+    result = privacy.train_private(model, data, base_cfg.train, plan, base_cfg.dp, seed=0)
+    assert result.steps == 2
+    _assert_unchanged(model, frozen)
+    after = model.exchange_state()
+    assert all(not np.array_equal(before[k], after[k]) for k in before)  # noise reaches every tensor
+    # Unwrapped again: no Opacus prefixes, per-sample gradients or hooks left behind.
+    assert [n for n, _ in model.module.named_parameters()] == names
+    assert all(getattr(p, "grad_sample", None) is None for p in model.module.parameters())
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.module.modules())
+
+
+def test_adapters_start_as_the_pretrained_model_and_follow_placement(base_cfg):
+    head = build_model(_cfg(base_cfg, "head"), 5)
+    cfg = _cfg(base_cfg, "adapter")
+    cfg = dataclasses.replace(
+        cfg, adapter=dataclasses.replace(cfg.adapter, placement="attention", bottleneck=8)
+    )
+    adapter = build_model(cfg, 5)
+    # 6 layers x one adapter (384 -> 8 -> 384, with biases) + the head.
+    assert adapter.num_trainable == 6 * (384 * 8 + 8 + 8 * 384 + 384) + 384 * 5 + 5
+    assert all(".attention.output.dense.adapter." in k for k in adapter.params if k not in HEAD)
+    assert torch.equal(_logits(adapter, adapter.tokenizer), _logits(head, head.tokenizer))
