@@ -43,7 +43,7 @@ the global model the round started from, and the state lives on the server only:
 
 Keyword parameters with defaults -- after ``(updates, weights)`` of a function, or of a
 class's ``__init__`` -- are settable from the run config: ``strategy.name =
-"mystrategies:ServerMomentum"`` with ``strategy.kwargs.momentum = 0.5``.
+"mystrategies:ServerMomentum"`` with ``strategy.kwargs = "momentum=0.5"``.
 
 How a callable is read: a function (or callable object) whose first two parameters are
 required positional ones is an aggregate function; anything else callable is a factory

@@ -9,7 +9,7 @@ object/class with ``init``/``apply`` (see :mod:`strategies.functional`).
 :func:`build_strategy` takes two kinds of keyword arguments: the app's *settings*
 (sampling, ``lora_alpha``, ``client_ranks``), offered to every strategy and left out
 where its constructor does not take them, so a user class only declares what it needs;
-and the user's ``strategy.kwargs.*``, which are strict: a name the constructor does not
+and the user's ``strategy.kwargs`` (``"name=value,..."``), which are strict: a name the constructor does not
 accept is an error naming the config key.
 """
 
@@ -70,7 +70,7 @@ STRATEGIES: dict[str, tuple[StrategyFactory, str]] = {
         "Heterogeneous Low-Rank Adaptations",
     ),
 }
-STRATEGY_KWARGS_PREFIX = "strategy.kwargs."
+KWARGS_KEY = "strategy.kwargs"
 
 
 class StrategyError(ValueError):
@@ -120,6 +120,20 @@ def _dashed(name: str) -> str:
     return name.replace("_", "-")
 
 
+def _inherited_names(factory: Callable[..., Any]) -> set[str]:
+    """Keyword names the ``__init__`` of any class in ``factory``'s MRO declares."""
+    names: set[str] = set()
+    for cls in getattr(factory, "__mro__", ()):
+        init = cls.__dict__.get("__init__")
+        if init is None or cls is object:
+            continue
+        try:
+            names |= set(inspect.signature(init).parameters) - {"self", "args", "kwargs"}
+        except (TypeError, ValueError):
+            continue
+    return names
+
+
 def build_strategy(
     name: str | Callable[..., Any],
     *,
@@ -129,7 +143,7 @@ def build_strategy(
     """Build the strategy ``name`` (registered name, ``module:name``, or the object itself).
 
     ``settings`` are offered by the app and left out where the constructor does not take
-    them; ``user_kwargs`` (from ``strategy.kwargs.*``, names already python identifiers)
+    them; ``user_kwargs`` (from ``strategy.kwargs``, names already python identifiers)
     must all be accepted, else :class:`StrategyError` names the config key and lists
     the accepted ones.  A constructor that rejects its values raises StrategyError too.
     """
@@ -142,11 +156,17 @@ def build_strategy(
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     by_name = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     named = {k for k, p in params.items() if p.kind in by_name}
-    accepted = {k: v for k, v in settings.items() if takes_kwargs or k in named}
+    # A class whose __init__ forwards **kwargs to its base (``class S(FedAvg): def
+    # __init__(self, x, **kwargs)``) gets the settings some class in its MRO names.
+    # A plain factory function with **kwargs is offered everything, as before.
+    offered = named
+    if takes_kwargs:
+        offered = named | _inherited_names(factory) if isinstance(factory, type) else set(settings)
+    accepted = {k: v for k, v in settings.items() if k in offered}
     user = dict(user_kwargs or {})
     settable = sorted(_dashed(k) for k in named - set(settings))
     for key in sorted(user):
-        config_key = f"{STRATEGY_KWARGS_PREFIX}{_dashed(key)}"
+        config_key = KWARGS_KEY
         if not takes_kwargs and key not in named:
             raise StrategyError(
                 f"config key '{config_key}': strategy {label!r} takes no setting "

@@ -87,7 +87,7 @@ def test_function_keyword_parameters_are_user_kwargs():
     s = build_strategy(f"{HERE}:weighted_mean", user_kwargs={"damping": 0.5}, **SETTINGS)
     got, _ = _round(s, {"w": np.zeros(1)}, [(1, {"w": np.array([4.0])}, 3), (2, {"w": np.array([8.0])}, 1)])
     np.testing.assert_allclose(got["w"], [0.5 * 5.0])
-    with pytest.raises(StrategyError, match=r"strategy\.kwargs\.dampning.*did you mean 'damping'"):
+    with pytest.raises(StrategyError, match=r"strategy\.kwargs.*'dampning'.*did you mean 'damping'"):
         build_strategy(f"{HERE}:weighted_mean", user_kwargs={"dampning": 0.5}, **SETTINGS)
 
 

@@ -66,12 +66,12 @@ def test_unknown_user_kwarg_names_the_config_key_and_suggests():
     with pytest.raises(StrategyError) as err:
         build_strategy("fedprox", user_kwargs={"proximal_nu": 0.1}, **SETTINGS)
     msg = str(err.value)
-    assert "strategy.kwargs.proximal-nu" in msg and "did you mean 'proximal-mu'" in msg
+    assert "'strategy.kwargs'" in msg and "'proximal-nu'" in msg and "did you mean 'proximal-mu'" in msg
     assert "accepted:" in msg and "weighted-by-key" in msg and "fraction-train" not in msg
 
 
 def test_user_kwarg_cannot_override_what_the_run_sets():
-    with pytest.raises(StrategyError, match=r"strategy\.kwargs\.fraction-train.*set by the run"):
+    with pytest.raises(StrategyError, match=r"strategy\.kwargs.*'fraction_train' is set by the run"):
         build_strategy("fedavg", user_kwargs={"fraction_train": 0.1}, **SETTINGS)
 
 
@@ -89,3 +89,18 @@ def test_a_class_taking_var_kwargs_accepts_any_user_kwarg():
             super().__init__(**kwargs)
 
     assert build_strategy(Loose, user_kwargs={"extra": 3}, min_available_nodes=2).extra == 3
+
+
+class ForwardsKwargs(FedAvg):
+    """A user class that forwards **kwargs to FedAvg: it gets FedAvg's settings, not lora_alpha."""
+
+    def __init__(self, max_norm: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.max_norm = max_norm
+
+
+def test_a_class_forwarding_kwargs_gets_only_what_its_bases_take():
+    s = build_strategy(
+        ForwardsKwargs, user_kwargs={"max_norm": 0.5}, lora_alpha=16.0, client_ranks={}, **SETTINGS
+    )
+    assert isinstance(s, ForwardsKwargs) and s.max_norm == 0.5 and s.fraction_train == 0.5
