@@ -123,3 +123,20 @@ def test_fedprox_sends_mu_and_the_clients_apply_it(tiny_overrides):
         return out
 
     assert all(p < q for p, q in zip(spread(train), spread(plain_train), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("strategy", "dp"),
+    [
+        ("flora", {"dp.mode": "local", "dp.noise-multiplier": 0.5}),
+        ("flexlora", {"dp.mode": "local", "dp.noise-multiplier": 0.5}),
+        ("ffa-lora", {"dp.mode": "central", "dp.central-noise-multiplier": 0.01}),
+    ],
+)
+def test_lora_strategies_compose_with_dp(tiny_overrides, strategy, dp):
+    overrides = tiny_overrides | {"strategy.name": strategy, "run-name": strategy} | dp
+    if strategy != "ffa-lora":
+        overrides["lora.ranks"] = RANKS
+    _, rounds, _, _ = _run(overrides)
+    assert all(r["num_replied"] == 3 for r in rounds[1:])
+    assert rounds[-1]["max_epsilon"] or rounds[-1]["central_epsilon"]
