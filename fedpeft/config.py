@@ -237,6 +237,9 @@ class StrategyConfig:
 
     name: str = "fedavg"
     kwargs: tuple[str, ...] = ()
+    # > 0: a client update (reply - what it was sent) with a larger L2 norm is rejected
+    # before aggregation and recorded; NaN / Inf, wrong names or shapes always are.
+    max_update_norm: float = field(default=0.0, metadata=_range(0.0))
 
     def kwarg_dict(self) -> dict[str, ConfigValue]:
         """The settings as constructor keyword arguments (dashes become underscores)."""

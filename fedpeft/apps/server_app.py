@@ -20,6 +20,7 @@ from fedpeft import task
 from fedpeft.codecs.flower import CompressedTransport, is_active
 from fedpeft.config import ConfigError, RunConfig
 from fedpeft.data import partition_stats
+from fedpeft.guard import UpdateGuard
 from fedpeft.metering import MeteredGrid
 from fedpeft.models import get_model
 from fedpeft.privacy import RoundPlan
@@ -132,10 +133,13 @@ def strategy_stack(
     plans: dict[int, RoundPlan],
     client_ranks: dict[int, int] | None = None,
 ) -> tuple[Strategy, PrivacyBudget | None]:
-    """The configured strategy inside its wrappers, innermost first: central DP, codec, budget.
+    """The configured strategy inside its wrappers, innermost first: central DP, the update
+    guard, codec, budget.
 
-    Central DP clips decoded dense updates, so it sits inside the codec; the budget sits
-    outside everything so it sees every reply, also one the codec then rejects.
+    Central DP clips decoded dense updates, so it sits inside the codec; the guard drops
+    broken updates (NaN, wrong names or shapes, norms past the bound) before DP or the
+    strategy sees them; the budget sits outside everything so it sees every reply, also
+    one the codec then rejects.
     ``client_ranks`` (node id -> LoRA rank) is filled at discovery, for strategies that
     send each node its own rank.
     """
@@ -153,6 +157,7 @@ def strategy_stack(
     check_compatible(cfg, strategy)
     if cfg.dp.mode in ("central", "both"):
         strategy = central_dp(strategy, cfg.dp, sampled_per_round(cfg))
+    strategy = UpdateGuard(strategy, rejections, cfg.strategy.max_update_norm)
     if is_active(cfg.codec):
         strategy = CompressedTransport(strategy, cfg.codec, rejections)
     budget = None
