@@ -224,6 +224,21 @@ class DPConfig:
 
 
 @dataclass(frozen=True)
+class FailureConfig:
+    """Injected client failures (``fedpeft.faults``): per sampled client and round, seeded."""
+
+    # The client raises (an error reply).
+    raise_probability: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    # The client hangs past round-timeout before training (no reply in time).
+    hang_probability: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    # The client trains, then drops out before replying (no reply in time).
+    drop_probability: float = field(default=0.0, metadata=_range(0.0, 1.0))
+
+    def active(self) -> bool:
+        return self.raise_probability + self.hang_probability + self.drop_probability > 0
+
+
+@dataclass(frozen=True)
 class StrategyConfig:
     """Server aggregation: a registered name or an importable ``module:Class``.
 
@@ -278,6 +293,8 @@ class RunConfig:
     num_clients: int = field(default=10, metadata=_range(1))
     fraction_train: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
     min_train_clients: int = field(default=2, metadata=_range(1))
+    # A round with fewer usable replies than this keeps the global model as it was.
+    min_replies: int = field(default=1, metadata=_range(1))
     fraction_evaluate: float = field(default=0.0, metadata=_range(0.0, 1.0))
     round_timeout: float = field(default=3600.0, metadata=_range(0.0, lo_open=True))
     # "auto" picks cuda > mps > cpu; or name one ("cpu", "cuda", "cuda:1", "mps").
@@ -301,6 +318,7 @@ class RunConfig:
     codec: CodecConfig = CodecConfig()
     dp: DPConfig = DPConfig()
     strategy: StrategyConfig = StrategyConfig()
+    failures: FailureConfig = FailureConfig()
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -343,6 +361,14 @@ class RunConfig:
             )
         if not self.lora.target_modules:
             raise ConfigError("config key 'lora.target-modules' must name at least one module")
+        f = self.failures
+        if f.raise_probability + f.hang_probability + f.drop_probability > 1.0:
+            raise ConfigError("config keys 'failures.*-probability' must sum to at most 1")
+        if (f.hang_probability or f.drop_probability) and self.round_timeout > 600:
+            raise ConfigError(
+                f"config keys 'failures.hang-probability' / 'failures.drop-probability' make clients stay "
+                f"away past 'round-timeout' ({self.round_timeout:g} s): set round-timeout to at most 600"
+            )
         parse_ranks(self.lora.ranks)  # raises on a malformed list or distribution
         parse_kwargs(self.strategy.kwargs)
         if self.peft.method != "lora" and (self.lora.ranks or self.lora.freeze_a):

@@ -6,6 +6,7 @@ point, every value finite, and -- when ``strategy.max-update-norm`` is set -- an
 ``reply - sent`` whose L2 norm stays within the bound.  A reply that fails is left out of
 the round and recorded (node and reason) in the :class:`~fedpeft.rejections.RejectionLog`,
 so the round goes on with the others and the round record says who was refused and why.
+With fewer than ``min-replies`` usable replies the round leaves the global model as it was.
 
 It sits inside the codec wrapper (it sees decoded dense tensors) and outside Flower's
 central-DP wrappers (a NaN must never reach clipping, which would spread it).
@@ -16,6 +17,7 @@ layout checks; the guard then checks only that every value is finite.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import numpy as np
@@ -27,14 +29,19 @@ from fedpeft.rejections import RejectionLog
 from fedpeft.wire import ARRAYS_KEY, from_record
 from strategies.wrapper import StrategyWrapper
 
+log = logging.getLogger("fedpeft")
+
 
 class UpdateGuard(StrategyWrapper):
     """Drop (and record) train replies whose tensors do not fit what the node was sent."""
 
-    def __init__(self, inner: Strategy, rejections: RejectionLog, max_update_norm: float = 0.0) -> None:
+    def __init__(
+        self, inner: Strategy, rejections: RejectionLog, max_update_norm: float = 0.0, min_replies: int = 1
+    ) -> None:
         super().__init__(inner)
         self.rejections = rejections
         self.max_update_norm = max_update_norm
+        self.min_replies = min_replies
         self.layout_checks = not getattr(_innermost(inner), "rewrites_arrays", False)
         self._sent: dict[int, dict[str, np.ndarray]] = {}  # node -> tensors of its train message
 
@@ -60,6 +67,12 @@ class UpdateGuard(StrategyWrapper):
                 kept.append(reply)
             else:
                 self.rejections.reject(reply.metadata.src_node_id, f"rejected update: {reason}")
+        if len(kept) < self.min_replies:
+            # Too few usable replies (failed, timed out or refused): keep the global model.
+            log.warning(
+                "round %d: %d usable replies < min-replies %d", server_round, len(kept), self.min_replies
+            )
+            return None, None
         return self.inner.aggregate_train(server_round, kept)
 
     def problem(self, reply: Message) -> str | None:

@@ -8,6 +8,7 @@ and strategy authors use it to run whole federations in seconds; the Ray-backed 
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 
@@ -31,6 +32,7 @@ class DirectGrid(Grid):
         run_config: Mapping[str, ConfigValue],
         *,
         first_node_id: int = 1000,
+        reply_timeout: float | None = None,
     ) -> None:
         if TaskIdentity._run_id is None:  # Message() needs a run identity outside Flower's runtime
             TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
@@ -49,6 +51,9 @@ class DirectGrid(Grid):
         }
         self._inbox: dict[str, Message] = {}
         self.fail_nodes: set[int] = set()  # nodes whose next messages get no reply
+        # Clients run one after another here; one whose own call takes longer than this
+        # is treated as a reply that missed the round (as with Flower's engine in parallel).
+        self.reply_timeout = reply_timeout
 
     def set_run(self, run: Run) -> None:  # pragma: no cover - nothing to set
         pass
@@ -85,10 +90,13 @@ class DirectGrid(Grid):
             if msg is None or msg.metadata.dst_node_id in self.fail_nodes:
                 continue
             context = self.contexts[msg.metadata.dst_node_id]
+            started = time.monotonic()
             try:
-                replies.append(self.client_app(msg, context))
+                reply = self.client_app(msg, context)
             except Exception as err:  # a crashing ClientApp becomes an error reply, as in Flower
-                replies.append(Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg))
+                reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+            if self.reply_timeout is None or time.monotonic() - started <= self.reply_timeout:
+                replies.append(reply)
         return replies
 
     def send_and_receive(

@@ -18,6 +18,7 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from fedpeft import privacy, task
 from fedpeft.codecs.flower import codec_client_mod
 from fedpeft.config import ConfigValue, RunConfig
+from fedpeft.faults import failure_mod
 from fedpeft.models import FedModel, get_model, model_cache_info
 from fedpeft.runtime import derive_seed, quiet_libraries
 from fedpeft.training import Encoded, evaluate, train_local
@@ -95,7 +96,11 @@ def central_clipping_mod(
     return call_next(msg, context)
 
 
-@app.train(mods=[codec_mod, central_clipping_mod])
+fault_mod = failure_mod(lambda context: _config(frozenset(context.run_config.items())))
+
+
+# Outermost first: injected failures, then the codec, then central-DP clipping.
+@app.train(mods=[fault_mod, codec_mod, central_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Load the global tensors (strictly), train locally, reply with the new tensors."""
     cfg, pid, _, model, data = _setup(context)

@@ -157,7 +157,7 @@ def strategy_stack(
     check_compatible(cfg, strategy)
     if cfg.dp.mode in ("central", "both"):
         strategy = central_dp(strategy, cfg.dp, sampled_per_round(cfg))
-    strategy = UpdateGuard(strategy, rejections, cfg.strategy.max_update_norm)
+    strategy = UpdateGuard(strategy, rejections, cfg.strategy.max_update_norm, cfg.min_replies)
     if is_active(cfg.codec):
         strategy = CompressedTransport(strategy, cfg.codec, rejections)
     budget = None

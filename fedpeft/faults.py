@@ -1,0 +1,70 @@
+"""Injected client failures: FedPEFT's "client stability" axis, reproducibly.
+
+With ``failures.*-probability`` set, every sampled client draws once per round -- from
+(seed, round, partition) only, so the same clients fail in a rerun -- and then:
+
+* **raise**: the ClientApp raises before training; Flower turns that into an error reply,
+  recorded with its reason;
+* **hang**: the client sleeps past ``round-timeout`` before training, so its reply comes
+  too late and the server records "no reply before the round timeout";
+* **drop**: the client trains, then drops out: its reply also never arrives in time.
+
+The server aggregates what did arrive; with fewer than ``min-replies`` the round leaves
+the global model as it was.  Implemented as a Flower client mod, outside every other mod.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+from flwr.app import ConfigRecord, Context, Message
+
+from fedpeft.config import RunConfig
+from fedpeft.wire import CONFIG_KEY
+
+Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
+# A hanging or dropped client stays away this much longer than the round timeout.
+LATE_BY_SECONDS = 1.0
+
+
+class InjectedFailure(RuntimeError):
+    """The failure a client was told to have (``failures.raise-probability``)."""
+
+
+def draw(cfg: RunConfig, server_round: int, partition_id: int) -> str:
+    """What client ``partition_id`` does in ``server_round``: "ok", "raise", "hang" or "drop"."""
+    f = cfg.failures
+    u = random.Random(f"fedpeft-failure-{cfg.seed}-{server_round}-{partition_id}").random()
+    for kind, p in (
+        ("raise", f.raise_probability),
+        ("hang", f.hang_probability),
+        ("drop", f.drop_probability),
+    ):
+        if u < p:
+            return kind
+        u -= p
+    return "ok"
+
+
+def failure_mod(get_cfg: Callable[[Context], RunConfig]) -> Mod:
+    """A client mod for train messages that injects the configured failures."""
+
+    def mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+        cfg = get_cfg(context)
+        if not cfg.failures.active():
+            return call_next(msg, context)
+        config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+        server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
+        kind = draw(cfg, server_round, int(context.node_config["partition-id"]))
+        if kind == "raise":
+            raise InjectedFailure(f"injected failure: client raised in round {server_round}")
+        if kind == "hang":
+            time.sleep(cfg.round_timeout + LATE_BY_SECONDS)
+        reply = call_next(msg, context)
+        if kind == "drop":
+            time.sleep(cfg.round_timeout + LATE_BY_SECONDS)
+        return reply
+
+    return mod
