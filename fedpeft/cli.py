@@ -1,4 +1,4 @@
-"""``fedpeft`` command line: ``fedpeft run [EXPERIMENT.toml] [--set key=value ...]``."""
+"""``fedpeft`` command line: ``fedpeft run [EXPERIMENT.toml] [--set key=value ...] | --resume RESULTS_DIR``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override one run-config key (repeatable); see `fedpeft keys`",
+    )
+    run.add_argument(
+        "--resume",
+        metavar="RESULTS_DIR",
+        default=None,
+        help="continue that run from its last complete round (its config.json; no experiment or --set)",
     )
     run.add_argument("--ray-address", default=None, help="join an existing Ray cluster (e.g. 127.0.0.1:6379)")
     run.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per client (default 1)")
@@ -43,12 +49,17 @@ def main(argv: list[str] | None = None) -> int:
             default = ",".join(fld.default) if isinstance(fld.default, tuple) else fld.default
             print(f"{key} = {default!r}")
         return 0
-    from fedpeft.launch import RayOptions, load_experiment, parse_set, simulate
+    from fedpeft.checkpoint import CheckpointError
+    from fedpeft.launch import RayOptions, load_experiment, parse_set, resume_overrides, simulate
     from strategies import StrategyError
 
     try:
+        if args.resume and (args.experiment or args.sets):
+            raise ConfigError("--resume continues a run as it was configured: give no experiment or --set")
         overrides = load_experiment(args.experiment) if args.experiment else {}
         overrides |= parse_set(args.sets)
+        if args.resume:
+            overrides = resume_overrides(args.resume)
         ray = RayOptions(
             cpus_per_client=args.cpus_per_client,
             gpus_per_client=args.gpus_per_client,
@@ -58,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             verbose=args.verbose,
         )
         simulate(overrides, ray)
-    except (ConfigError, StrategyError, FileNotFoundError) as err:
+    except (ConfigError, StrategyError, CheckpointError, FileNotFoundError) as err:
         print(f"fedpeft: error: {err}", file=sys.stderr)
         return 2
     return 0

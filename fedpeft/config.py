@@ -304,6 +304,8 @@ class RunConfig:
     results_dir: str = "results"
     # Name of this run's folder under results_dir ("" = timestamp + config hash).
     run_name: str = ""
+    # Continue the run in results-dir/run-name from its last checkpoint (`fedpeft run --resume`).
+    resume: bool = False
     # Seconds the server waits for all clients to announce themselves.
     connect_timeout: float = field(default=600.0, metadata=_range(0.0, lo_open=True))
     model: ModelConfig = ModelConfig()

@@ -64,6 +64,18 @@ def load_experiment(path: str | Path) -> dict[str, ConfigValue]:
         return dict(flatten_dict(tomllib.load(fh)))
 
 
+def resume_overrides(run_dir: str | Path) -> dict[str, ConfigValue]:
+    """The overrides that continue the run in ``run_dir``: its own config, with ``resume``."""
+    import json
+
+    path = Path(run_dir).expanduser().resolve()
+    config = path / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{path} is not a fedpeft results folder (no config.json)")
+    saved = json.loads(config.read_text())
+    return saved | {"resume": True, "results-dir": str(path.parent), "run-name": path.name}
+
+
 def parse_set(items: list[str]) -> dict[str, ConfigValue]:
     """``key=value`` pairs; values parse as TOML scalars, else as plain strings."""
     out: dict[str, ConfigValue] = {}
@@ -117,6 +129,11 @@ def preflight(cfg: RunConfig) -> None:
     get_method(cfg.peft.method)
     resolve_strategy(cfg.strategy.name)
     strategy_stack(cfg, RejectionLog(), {})  # builds every wrapper: their own checks run now
+    if cfg.resume:  # a missing or damaged checkpoint fails here, not after Ray has started
+        from fedpeft.apps.server_app import run_dir_for
+        from fedpeft.checkpoint import Checkpoint
+
+        Checkpoint.load(run_dir_for(cfg))
     if task.num_labels(cfg) < 2:
         raise ConfigError(f"config key 'data.dataset': {cfg.data.dataset!r} has fewer than 2 classes")
 

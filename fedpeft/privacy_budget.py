@@ -44,6 +44,10 @@ class PrivacyBudget(StrategyWrapper):
         self.rejections = rejections
         self.ledgers: dict[int, Ledger] = {}
 
+    def remap_nodes(self, mapping: dict[int, int]) -> None:
+        """New node ids after a resume (``fedpeft.checkpoint``): the mirrored ledgers follow."""
+        self.ledgers = {mapping[n]: led for n, led in self.ledgers.items() if n in mapping}
+
     def epsilons(self) -> dict[int, float]:
         """Epsilon spent so far by every client that trained (node id -> epsilon)."""
         return {node: led.epsilon(self.dp.delta, self.dp.accountant) for node, led in self.ledgers.items()}

@@ -47,6 +47,8 @@ class RoundRecorder:
         rejections: RejectionLog | None = None,
         privacy: Callable[[int], dict[str, Any]] | None = None,
         echo: Callable[[str], None] = print,
+        after_round: Callable[[int, ArrayRecord], None] | None = None,
+        offset: int = 0,
     ) -> None:
         self.grid = grid
         self.writer = writer
@@ -57,13 +59,25 @@ class RoundRecorder:
         self.echo = echo
         self.rejections = rejections or RejectionLog()
         self.privacy = privacy
+        # Called with each finished round's global tensors (the checkpoint is written there).
+        self.after_round = after_round
+        # A resumed run: Flower's Strategy.start counts from 1 again; rounds are offset + n.
+        self.offset = offset
         self._t_round = time.perf_counter()
 
     def start_clock(self) -> None:
         """Start timing round 0 (discovery of clients + initial evaluation)."""
         self._t_round = time.perf_counter()
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if self.offset and server_round == 0:
+            # Resumed: round ``offset`` is already recorded. What the grid carried since
+            # (the discovery query of the restart) was counted in round 0 the first time.
+            self.grid.drain()
+            self.rejections.drain()
+            self._t_round = time.perf_counter()
+            return None
+        server_round += self.offset
         loss, accuracy = self.evaluate(arrays)
         rejected = self.rejections.drain()
         exchanges = self.grid.drain()
@@ -84,6 +98,8 @@ class RoundRecorder:
         self.echo(format_round_line(record, self.num_rounds))
         # Sampling of the next round depends only on (seed, round).
         random.seed(derive_seed(self.seed, "sampling", server_round + 1))
+        if self.after_round is not None:
+            self.after_round(server_round, arrays)
         self._t_round = time.perf_counter()
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 

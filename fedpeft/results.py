@@ -348,6 +348,23 @@ class ResultsWriter:
         _atomic_write_text(path, json.dumps(collect_versions(), indent=2) + "\n")
         return path
 
+    def resume(self, up_to_round: int) -> list[RoundRecord]:
+        """Continue a run folder: keep the rounds up to ``up_to_round``, drop any later ones.
+
+        A crash can leave a round recorded whose checkpoint never completed; that round is
+        run again, so its record goes.  The kept rounds are rewritten to all three files.
+        """
+        kept = [RoundRecord.from_dict(d) for d in read_rounds(self.run_dir) if d["round"] <= up_to_round]
+        if [r.round for r in kept] != list(range(up_to_round + 1)):
+            raise ValueError(
+                f"{self.run_dir}: rounds.jsonl does not hold rounds 0..{up_to_round} to resume from "
+                f"(found {[r.round for r in kept]})"
+            )
+        self._records, self._cum_up, self._cum_down = [], 0, 0
+        for rec in kept:
+            self.add_round(rec)
+        return kept
+
     def add_round(self, rec: RoundRecord) -> RoundRecord:
         """Fill the running byte totals into ``rec``, append it to all files, return it."""
         self._cum_up += rec.bytes_up

@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
 from fedpeft import privacy, task
+from fedpeft.checkpoint import ClientStateStore
 from fedpeft.codecs.flower import codec_client_mod
 from fedpeft.config import ConfigValue, RunConfig
 from fedpeft.faults import failure_mod
@@ -97,10 +98,36 @@ def central_clipping_mod(
 
 
 fault_mod = failure_mod(lambda context: _config(frozenset(context.run_config.items())))
+RESTORED_STATE = "fedpeft.state.restored"
 
 
-# Outermost first: injected failures, then the codec, then central-DP clipping.
-@app.train(mods=[fault_mod, codec_mod, central_clipping_mod])
+def state_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Keep this client's persistent state on disk, so a resumed run continues it.
+
+    On the first message a Context sees, the latest state saved before this round is
+    loaded (a fresh run has none); after training, the state (error-feedback residual,
+    the codec's copy of the global, the privacy ledger) is saved for this round.
+    """
+    cfg = _config(frozenset(context.run_config.items()))
+    store = ClientStateStore.for_client(
+        cfg.results_dir, cfg.run_name, int(context.node_config["partition-id"])
+    )
+    if store is None:
+        return call_next(msg, context)
+    server_round = _round(msg)
+    if RESTORED_STATE not in context.state.config_records:
+        saved = store.load(up_to_round=server_round - 1)
+        for key, record in (saved or {}).items():
+            context.state[key] = record
+        context.state[RESTORED_STATE] = ConfigRecord({"round": server_round})
+    reply = call_next(msg, context)
+    if not reply.has_error() and len(context.state) > 1:  # something besides the marker
+        store.save(server_round, context.state)
+    return reply
+
+
+# Outermost first: client state on disk, injected failures, the codec, central-DP clipping.
+@app.train(mods=[state_mod, fault_mod, codec_mod, central_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """Load the global tensors (strictly), train locally, reply with the new tensors."""
     cfg, pid, _, model, data = _setup(context)

@@ -7,8 +7,10 @@ meet; the round loop itself is Flower's ``Strategy.start``.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,14 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedpeft import task
+from fedpeft.checkpoint import (
+    CLIENT_STATE_DIR,
+    Checkpoint,
+    RoundOffset,
+    remap_nodes,
+    rng_state,
+    set_rng_state,
+)
 from fedpeft.codecs.flower import CompressedTransport, is_active
 from fedpeft.config import ConfigError, RunConfig
 from fedpeft.data import partition_stats
@@ -53,22 +63,43 @@ def run_dir_for(cfg: RunConfig) -> Path:
     return Path(cfg.results_dir).expanduser().resolve() / name
 
 
+@dataclass
+class ServerState:
+    """The strategy stack and the objects it shares with the app; checkpointed as one."""
+
+    strategy: Strategy
+    budget: PrivacyBudget | None
+    rejections: RejectionLog
+    plans: dict[int, RoundPlan]  # node id -> DP cost of a round, filled at discovery
+    client_ranks: dict[int, int]  # node id -> LoRA rank, filled at discovery
+
+    @classmethod
+    def fresh(cls, cfg: RunConfig) -> ServerState:
+        rejections = RejectionLog()
+        plans: dict[int, RoundPlan] = {}
+        client_ranks: dict[int, int] = {}
+        strategy, budget = strategy_stack(cfg, rejections, plans, client_ranks)
+        return cls(strategy, budget, rejections, plans, client_ranks)
+
+
 def run_server(grid: Grid, cfg: RunConfig) -> Path:
-    """Run the whole federation; returns the results folder."""
+    """Run the whole federation (or, with ``resume``, the rounds after its checkpoint)."""
     quiet_libraries()
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
     labels = task.source(cfg).label_names
     model = get_model(cfg.for_server(), len(labels))
     test_set = task.server_test_set(cfg)
-    rejections = RejectionLog()
-    plans: dict[int, RoundPlan] = {}  # filled at discovery
-    client_ranks: dict[int, int] = {}  # filled at discovery
-    strategy, budget = strategy_stack(cfg, rejections, plans, client_ranks)
-
     run_dir = run_dir_for(cfg)
+    ckpt = Checkpoint.load(run_dir) if cfg.resume else None
+    state: ServerState = ckpt.state["server"] if ckpt else ServerState.fresh(cfg)
+    done = ckpt.round if ckpt else 0
     writer = ResultsWriter(run_dir)
-    writer.write_config(cfg.to_run_config())
+    if ckpt:
+        writer.resume(done)
+    else:
+        writer.write_config(cfg.to_run_config())
+        shutil.rmtree(run_dir / CLIENT_STATE_DIR, ignore_errors=True)  # a reused run name
     writer.write_versions()
 
     def evaluate_global(arrays: ArrayRecord) -> tuple[float, float]:
@@ -77,6 +108,12 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
 
     metered = MeteredGrid(grid)
     partition_of: dict[int, int] = {}
+
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+        Checkpoint(
+            server_round, from_record(arrays), {"server": state}, dict(partition_of), rng_state()
+        ).save(run_dir)
+
     recorder = RoundRecorder(
         metered,
         writer,
@@ -84,32 +121,31 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
         seed=cfg.seed,
         num_rounds=cfg.num_rounds,
         partition_of=partition_of,
-        rejections=rejections,
-        privacy=privacy_figures(cfg, budget, partition_of),
+        rejections=state.rejections,
+        privacy=privacy_figures(cfg, state.budget, partition_of),
+        after_round=checkpoint,
+        offset=done,
     )
     print(
         f"fedpeft: {cfg.peft.method} on {cfg.model.name} ({model.num_trainable:,} exchanged parameters), "
         f"{cfg.num_clients} clients, {cfg.data.dataset} ({cfg.data.partitioner}), strategy {cfg.strategy.name}; "
-        f"results in {run_dir}",
+        f"results in {run_dir}" + (f"; resuming after round {done}" if ckpt else ""),
         flush=True,
     )
     described = discover_clients(metered, cfg)  # its messages count in round 0
     partition_of.update({node: int(m["partition-id"]) for node, m in described.items()})
-    client_ranks.update({node: int(m["lora-rank"]) for node, m in described.items() if "lora-rank" in m})
-    plans.update(
-        {
-            node: RoundPlan(m["dp-noise-multiplier"], m["dp-sample-rate"], int(m["dp-steps"]))
-            for node, m in described.items()
-            if "dp-steps" in m
-        }
-    )
+    _absorb_discovery(state, described)
+    if ckpt:  # a new engine gave the nodes new ids: the same partitions, renamed
+        by_partition = {pid: node for node, pid in partition_of.items()}
+        remap_nodes(state.strategy, {old: by_partition[pid] for old, pid in ckpt.partition_of.items()})
+        set_rng_state(ckpt.rng)
     metered.node_order = partition_of.__getitem__
     _write_partition_stats(writer, cfg)
-    initial = to_record(model.initial_state)
-    result = strategy.start(
+    initial = to_record(ckpt.arrays) if ckpt else to_record(model.initial_state)
+    result = (RoundOffset(state.strategy, done) if done else state.strategy).start(
         grid=metered,
         initial_arrays=initial,
-        num_rounds=cfg.num_rounds,
+        num_rounds=cfg.num_rounds - done,
         timeout=cfg.round_timeout,
         train_config=ConfigRecord({"seed": cfg.seed}),
         evaluate_fn=recorder,
@@ -120,6 +156,20 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     writer.plot()
     print(f"fedpeft: done in {time.perf_counter() - t0:.1f} s; results in {run_dir}", flush=True)
     return run_dir
+
+
+def _absorb_discovery(state: ServerState, described: dict[int, dict[str, float]]) -> None:
+    """What the nodes announced: their LoRA ranks and DP costs (node ids are this engine's)."""
+    state.client_ranks.clear()
+    state.client_ranks.update({n: int(m["lora-rank"]) for n, m in described.items() if "lora-rank" in m})
+    state.plans.clear()
+    state.plans.update(
+        {
+            node: RoundPlan(m["dp-noise-multiplier"], m["dp-sample-rate"], int(m["dp-steps"]))
+            for node, m in described.items()
+            if "dp-steps" in m
+        }
+    )
 
 
 def sampled_per_round(cfg: RunConfig) -> int:

@@ -138,6 +138,11 @@ class CompressedTransport(StrategyWrapper):
         self._node_version: dict[int, int] = {}
         self._sent: dict[int, set[int]] = {}  # round -> nodes a train message went to
 
+    def remap_nodes(self, mapping: dict[int, int]) -> None:
+        """New node ids after a resume (``fedpeft.checkpoint``): which copy each node holds."""
+        self._node_version = {mapping[n]: v for n, v in self._node_version.items() if n in mapping}
+        self._sent = {r: {mapping[n] for n in nodes if n in mapping} for r, nodes in self._sent.items()}
+
     # -------------------------------------------------------------- downlink
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
