@@ -83,7 +83,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(tmp_path):
     assert proc.poll() is None, "the run ended before it could be killed"
     # SIGKILL to the whole process tree: the launcher, Flower's engine and every Ray process
     # (some run in their own sessions, so a process-group kill would miss them).
-    tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    tree = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
     for p in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
