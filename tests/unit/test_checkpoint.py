@@ -73,7 +73,7 @@ STATEFUL = {
 
 
 def test_a_run_resumed_after_a_crash_equals_an_uninterrupted_one(tiny_overrides, tmp_path):
-    base = tiny_overrides | STATEFUL | {"num-rounds": 3}
+    base = tiny_overrides | STATEFUL  # 2 rounds: crash in round 2, resume after round 1
     whole_cfg = RunConfig.from_run_config(base | {"run-name": "whole"})
     whole = run_server(DirectGrid(client_app.app, 3, whole_cfg.to_run_config()), whole_cfg)
 
