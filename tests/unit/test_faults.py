@@ -30,7 +30,7 @@ def test_draws_are_seeded_and_follow_the_probabilities():
 
 def test_a_run_with_thirty_percent_failures_completes_and_records_who_and_why(tiny_overrides):
     cfg = RunConfig.from_run_config(
-        tiny_overrides | THIRTY_PERCENT | {"num-clients": 10, "round-timeout": 4.0, "train.max-steps": 2}
+        tiny_overrides | THIRTY_PERCENT | {"num-clients": 10, "round-timeout": 2.5, "train.max-steps": 2}
     )
     grid = DirectGrid(client_app.app, cfg.num_clients, cfg.to_run_config(), reply_timeout=cfg.round_timeout)
     rounds = read_rounds(run_server(grid, cfg))
