@@ -38,7 +38,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from strategies.wrapper import StrategyWrapper
+from strategies.wrapper import StrategyWrapper, wrapper_chain
 
 CHECKPOINT_FILE = "checkpoint.bin"
 CLIENT_STATE_DIR = "clients"
@@ -120,14 +120,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def remap_nodes(strategy: Strategy, mapping: dict[int, int]) -> None:
     """Rename node ids in every wrapper's state after a restart (a new engine, new ids)."""
-    seen: set[int] = set()
-    current: Any = strategy
-    while isinstance(current, Strategy) and id(current) not in seen:
-        seen.add(id(current))
+    for current in wrapper_chain(strategy):
         remap = getattr(current, "remap_nodes", None)
         if callable(remap):
             remap(mapping)
-        current = getattr(current, "inner", None) or getattr(current, "strategy", None)
 
 
 class RoundOffset(StrategyWrapper):

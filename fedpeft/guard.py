@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedpeft.rejections import RejectionLog
 from fedpeft.wire import ARRAYS_KEY, from_record
-from strategies.wrapper import StrategyWrapper
+from strategies.wrapper import StrategyWrapper, wrapper_chain
 
 log = logging.getLogger("fedpeft")
 
@@ -42,7 +42,7 @@ class UpdateGuard(StrategyWrapper):
         self.rejections = rejections
         self.max_update_norm = max_update_norm
         self.min_replies = min_replies
-        self.layout_checks = not getattr(_innermost(inner), "rewrites_arrays", False)
+        self.layout_checks = not getattr(list(wrapper_chain(inner))[-1], "rewrites_arrays", False)
         self._sent: dict[int, dict[str, np.ndarray]] = {}  # node -> tensors of its train message
 
     def configure_train(
@@ -53,8 +53,11 @@ class UpdateGuard(StrategyWrapper):
         self._sent = {}
         for msg in messages:
             record = msg.content.array_records.get(ARRAYS_KEY)
-            if record is not None:
-                self._sent[msg.metadata.dst_node_id] = decoded.setdefault(id(record), from_record(record))
+            if record is None:
+                continue
+            if id(record) not in decoded:  # FedAvg sends one record to every node: decode it once
+                decoded[id(record)] = from_record(record)
+            self._sent[msg.metadata.dst_node_id] = decoded[id(record)]
         return messages
 
     def aggregate_train(
@@ -103,14 +106,3 @@ class UpdateGuard(StrategyWrapper):
             if norm > self.max_update_norm:
                 return f"update norm {norm:.4g} exceeds strategy.max-update-norm = {self.max_update_norm:g}"
         return None
-
-
-def _innermost(strategy: Strategy) -> Strategy:
-    """The strategy at the centre of any wrappers (Flower's DP wrappers keep it as ``strategy``)."""
-    seen = 0
-    while seen < 16:
-        nxt = getattr(strategy, "inner", None) or getattr(strategy, "strategy", None)
-        if not isinstance(nxt, Strategy):
-            return strategy
-        strategy, seen = nxt, seen + 1
-    return strategy
