@@ -1,15 +1,47 @@
-"""``fedpeft`` command line: ``fedpeft run [EXPERIMENT.toml] [--set key=value ...] | --resume RESULTS_DIR``."""
+"""``fedpeft`` command line.
+
+``fedpeft run [EXPERIMENT.toml] [--set key=value ...] | --resume RESULTS_DIR``: one simulation;
+``fedpeft sweep SWEEP.toml``: a grid of them, resumable; ``fedpeft report RESULTS_DIR...``: a
+comparison table and plots; ``fedpeft keys``: every config key with its default.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedpeft.config import ConfigError, config_schema
 
+if TYPE_CHECKING:
+    from fedpeft.launch import RayOptions
+
+
+def _add_engine_options(cmd: argparse.ArgumentParser, *, engine_default: str | None = "ray") -> None:
+    cmd.add_argument(
+        "--engine",
+        choices=("ray", "inprocess"),
+        default=engine_default,
+        help="ray: Flower's simulation engine (default); inprocess: the same apps in this process, no Ray",
+    )
+    cmd.add_argument("--ray-address", default=None, help="join an existing Ray cluster (e.g. 127.0.0.1:6379)")
+    cmd.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per client (default 1)")
+    cmd.add_argument(
+        "--gpus-per-client",
+        type=float,
+        default=None,
+        help="Ray GPUs per client (default: 0.5 when CUDA is present, else 0)",
+    )
+    cmd.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray may use (default: all)")
+    cmd.add_argument("--object-store-mb", type=int, default=512, help="Ray object store size (MB)")
+    cmd.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedpeft", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fedpeft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one simulation on Flower's simulation engine (Ray)")
     run.add_argument("experiment", nargs="?", help="a simulations/*.toml file of run-config overrides")
@@ -27,19 +59,57 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="continue that run from its last complete round (its config.json; no experiment or --set)",
     )
-    run.add_argument("--ray-address", default=None, help="join an existing Ray cluster (e.g. 127.0.0.1:6379)")
-    run.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per client (default 1)")
-    run.add_argument(
-        "--gpus-per-client",
-        type=float,
-        default=None,
-        help="Ray GPUs per client (default: 0.5 when CUDA is present, else 0)",
+    _add_engine_options(run)
+    sweep = sub.add_parser("sweep", help="run every point of a sweep file (skips finished points, resumes)")
+    sweep.add_argument("sweep_file", metavar="SWEEP.toml", help="a sweep file (see fedpeft.sweep)")
+    sweep.add_argument("--jobs", type=int, default=None, help="points at once (default: the file's, else 1)")
+    sweep.add_argument("--dry-run", action="store_true", help="validate and list the points, run nothing")
+    _add_engine_options(sweep, engine_default=None)
+    report = sub.add_parser("report", help="one table (markdown + CSV) and plots across results folders")
+    report.add_argument(
+        "paths", nargs="+", metavar="RESULTS_DIR", help="run folders, sweep folders, or above"
     )
-    run.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray may use (default: all)")
-    run.add_argument("--object-store-mb", type=int, default=512, help="Ray object store size (MB)")
-    run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    report.add_argument("--out", default=None, help="where to write (default: <first RESULTS_DIR>/report)")
+    report.add_argument(
+        "--target", type=float, default=None, help="target accuracy for rounds/bytes to target (default 0.8)"
+    )
     sub.add_parser("keys", help="list every run-config key with its default")
     return parser
+
+
+def _ray_options(args: argparse.Namespace) -> RayOptions:
+    from fedpeft.launch import RayOptions
+
+    return RayOptions(
+        cpus_per_client=args.cpus_per_client,
+        gpus_per_client=args.gpus_per_client,
+        num_cpus=args.num_cpus,
+        object_store_mb=args.object_store_mb,
+        address=args.ray_address,
+        verbose=args.verbose,
+    )
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fedpeft.report import DEFAULT_TARGET, make_report
+
+    out = args.out or str(Path(args.paths[0]) / "report")
+    rep = make_report(args.paths, out, DEFAULT_TARGET if args.target is None else args.target)
+    print(rep.markdown)
+    print("\nwritten: " + ", ".join(str(p) for p in rep.files.values()))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from fedpeft.sweep import Sweep, describe, run_sweep
+
+    spec = Sweep.load(args.sweep_file)
+    if args.dry_run:
+        spec.resolve()  # every point validated
+        print(describe(spec.expand()))
+        return 0
+    manifest = run_sweep(spec, _ray_options(args), jobs=args.jobs, engine=args.engine)
+    return 1 if any(p["status"] == "failed" for p in manifest["points"].values()) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,25 +120,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key} = {default!r}")
         return 0
     from fedpeft.checkpoint import CheckpointError
-    from fedpeft.launch import RayOptions, load_experiment, parse_set, resume_overrides, simulate
+    from fedpeft.launch import load_experiment, parse_set, resume_overrides, simulate
     from strategies import StrategyError
 
     try:
+        if args.command == "report":
+            return _report(args)
+        if args.command == "sweep":
+            return _sweep(args)
         if args.resume and (args.experiment or args.sets):
             raise ConfigError("--resume continues a run as it was configured: give no experiment or --set")
         overrides = load_experiment(args.experiment) if args.experiment else {}
         overrides |= parse_set(args.sets)
         if args.resume:
             overrides = resume_overrides(args.resume)
-        ray = RayOptions(
-            cpus_per_client=args.cpus_per_client,
-            gpus_per_client=args.gpus_per_client,
-            num_cpus=args.num_cpus,
-            object_store_mb=args.object_store_mb,
-            address=args.ray_address,
-            verbose=args.verbose,
-        )
-        simulate(overrides, ray)
+        simulate(overrides, _ray_options(args), engine=args.engine)
     except (ConfigError, StrategyError, CheckpointError, FileNotFoundError) as err:
         print(f"fedpeft: error: {err}", file=sys.stderr)
         return 2

@@ -27,6 +27,11 @@ import tomllib
 from fedpeft.config import ConfigError, ConfigValue, RunConfig
 
 APP_COMPONENTS = ("fedpeft.apps.server_app:app", "fedpeft.apps.client_app:app")
+#: ``ray``: Flower's simulation engine on Ray (what users run). ``inprocess``: the same
+#: ServerApp logic and ClientApp in this process, one client after another, through
+#: :class:`fedpeft.testing.DirectGrid` -- no Ray start-up (about 20 s a run here), for
+#: debugging, notebooks and many small sweep points.
+ENGINES = ("ray", "inprocess")
 
 
 @dataclass(frozen=True)
@@ -178,14 +183,28 @@ def loopback_environment() -> None:
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 
-def simulate(overrides: Mapping[str, ConfigValue] | None = None, ray: RayOptions | None = None) -> Path:
-    """Run one simulation to completion; returns its results folder."""
+def simulate(
+    overrides: Mapping[str, ConfigValue] | None = None,
+    ray: RayOptions | None = None,
+    *,
+    engine: str = "ray",
+) -> Path:
+    """Run one simulation to completion; returns its results folder.
+
+    ``engine`` is one of :data:`ENGINES`; both run the same ServerApp and ClientApp code
+    and write the same results folder.
+    """
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r} (valid: {', '.join(ENGINES)})")
     ray = ray or RayOptions()
     cfg, final = resolve_config(dict(overrides or {}))
     loopback_environment()
     preflight(cfg)
     _quiet_flower(ray.verbose)
-    _run_engine(cfg, final, ray_backend_config(cfg, ray), ray.verbose)
+    if engine == "inprocess":
+        _run_inprocess(cfg, final)
+    else:
+        _run_engine(cfg, final, ray_backend_config(cfg, ray), ray.verbose)
     from fedpeft.apps.server_app import run_dir_for
 
     run_dir = run_dir_for(cfg)
@@ -200,6 +219,18 @@ def _quiet_flower(verbose: bool) -> None:
     logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.ERROR)
     if not verbose:
         warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _run_inprocess(cfg: RunConfig, overrides: dict[str, ConfigValue]) -> None:
+    """The ServerApp's round loop over an in-process grid of ``num-clients`` nodes."""
+    from flwr.common.config import get_fused_config_from_dir
+
+    from fedpeft.apps import client_app
+    from fedpeft.apps.server_app import run_server
+    from fedpeft.testing import DirectGrid
+
+    fused = get_fused_config_from_dir(app_dir(), dict(overrides))
+    run_server(DirectGrid(client_app.app, cfg.num_clients, fused, reply_timeout=cfg.round_timeout), cfg)
 
 
 def _run_engine(

@@ -1,0 +1,84 @@
+"""fedpeft.report: the figures of a run, grouping over seeds, and the files written.
+
+The run folders here are written by the real ResultsWriter with chosen numbers, so each
+figure can be checked exactly; tests/unit/test_sweep.py reports over real runs.
+"""
+
+import csv
+import math
+
+import pytest
+
+from fedpeft.cli import main
+from fedpeft.report import find_runs, group_runs, make_report, summarize
+from fedpeft.results import ClientRecord, ResultsWriter, RoundRecord
+
+
+def _client(up, down, codec=None):
+    metrics = {"codec-raw-bytes": codec[0], "codec-encoded-bytes": codec[1]} if codec else {}
+    return ClientRecord(1, 0, down, up, down - 50, up - 50, 10, 0.5, ok=True, metrics=metrics)
+
+
+def _run(folder, accs, *, seed=0, density=0.1, codec=None, eps=None):
+    """A run folder with one client per round: 1,000 B up, 2,000 B down per trained round."""
+    w = ResultsWriter(folder)
+    w.write_config({"seed": seed, "codec.density": density, "run-name": folder.name, "results-dir": "x"})
+    for i, acc in enumerate(accs):
+        clients = [_client(1000, 2000, codec)] if i else []
+        w.add_round(
+            RoundRecord(i, acc, 1.0, None, clients, wall_seconds=2.0, max_epsilon=eps * i if eps else None)
+        )
+    return folder
+
+
+def test_figures_of_one_run(tmp_path):
+    run = _run(tmp_path / "a", [0.2, 0.5, 0.85, 0.8], codec=(4000, 100), eps=1.5)
+    s = summarize(run, target=0.8)
+    assert (s.final_accuracy, s.best_accuracy, s.rounds_to_target) == (0.8, 0.85, 2)
+    assert (s.bytes_up, s.bytes_down, s.bytes_to_target) == (3000, 6000, 2 * 3000)
+    assert s.compression_ratio == 40.0 and s.max_epsilon == 4.5 and s.wall_seconds == 8.0
+    never = summarize(run, target=0.9)
+    assert never.rounds_to_target is None and never.bytes_to_target is None
+
+
+def test_round_zero_never_counts_as_reaching_the_target(tmp_path):
+    assert summarize(_run(tmp_path / "a", [0.9, 0.95]), target=0.9).rounds_to_target == 1
+
+
+def test_seeds_are_averaged_and_groups_labelled_by_what_differs(tmp_path):
+    for seed, accs in ((0, [0.2, 0.6, 0.8]), (1, [0.2, 0.7, 0.9])):
+        _run(tmp_path / "sw" / f"d01-{seed}", accs, seed=seed, density=0.1)
+    _run(tmp_path / "sw" / "d05-0", [0.2, 0.4, 0.5], density=0.5)
+    runs = [summarize(p, 0.75) for p in find_runs([tmp_path])]
+    assert len(runs) == 3
+    groups = group_runs(runs)
+    assert [(g.label, len(g.runs)) for g in groups] == [("codec.density=0.1", 2), ("codec.density=0.5", 1)]
+    mean, std, n = groups[0].stat("final_accuracy")
+    assert mean == pytest.approx(0.85) and std == pytest.approx(math.sqrt(0.005)) and n == 2
+    assert groups[0].stat("rounds_to_target") == (2.0, 0.0, 2)
+    assert groups[1].stat("rounds_to_target") == (None, None, 0)  # never reached
+
+
+def test_report_files_and_cli(tmp_path, capsys):
+    for seed, accs in ((0, [0.2, 0.6, 0.8]), (1, [0.2, 0.7, 0.9])):
+        _run(tmp_path / "runs" / f"s{seed}", accs, seed=seed)
+    _run(tmp_path / "runs" / "s2", [0.2, 0.5, 0.7], seed=2)
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--target", "0.75"]) == 0
+    out = capsys.readouterr().out
+    assert "Target accuracy: 75.0%" in out and "| 3 |" in out
+    assert "2.0 (2/3)" in out  # two of three seeds reached the target, in round 2
+    with (tmp_path / "rep" / "report.csv").open() as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert float(row["final_accuracy_mean"]) == pytest.approx(0.8) and row["seeds"] == "3"
+    with (tmp_path / "rep" / "runs.csv").open() as fh:
+        assert len(list(csv.DictReader(fh))) == 3
+    for name in ("report.md", "accuracy_vs_rounds.png", "accuracy_vs_bytes.png"):
+        assert (tmp_path / "rep" / name).stat().st_size > 0
+
+
+def test_report_of_nothing_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "no such results folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "no run folders" in capsys.readouterr().err
