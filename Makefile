@@ -1,12 +1,13 @@
 # fedpeft: two commands on a fresh machine.
 #   make demo   set up .venv (and the optional WordNet data) and run the default simulation
 #   make test   set up the same environment, then lint, type-check and run the whole suite
+#   make deploy-demo  a real SuperLink + 3 SuperNodes on loopback (insecure), 2 rounds
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedpeft-installed
 
-.PHONY: demo test lint typecheck unit integration benchmarks system-deps clean
+.PHONY: demo deploy-demo test lint typecheck unit integration benchmarks system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +28,9 @@ system-deps:
 
 demo: $(STAMP) system-deps
 	$(BIN)/fedpeft run simulations/demo.toml
+
+deploy-demo: $(STAMP)
+	$(BIN)/fedpeft deploy simulations/deploy.toml
 
 lint: $(STAMP)
 	$(BIN)/ruff check fedpeft strategies tests benchmarks

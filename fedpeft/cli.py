@@ -2,7 +2,9 @@
 
 ``fedpeft run [EXPERIMENT.toml] [--set key=value ...] | --resume RESULTS_DIR``: one simulation;
 ``fedpeft sweep SWEEP.toml``: a grid of them, resumable; ``fedpeft report RESULTS_DIR...``: a
-comparison table and plots; ``fedpeft keys``: every config key with its default.
+comparison table and plots; ``fedpeft deploy [EXPERIMENT.toml] [--set ...] [--supernodes N]
+[--tls]``: one run on a real SuperLink and SuperNodes on this machine; ``fedpeft keys``: every
+config key with its default.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--target", type=float, default=None, help="target accuracy for rounds/bytes to target (default 0.8)"
     )
+    _add_deploy(sub)
     sub.add_parser("keys", help="list every run-config key with its default")
     return parser
 
@@ -112,6 +115,40 @@ def _sweep(args: argparse.Namespace) -> int:
     return 1 if any(p["status"] == "failed" for p in manifest["points"].values()) else 0
 
 
+def _add_deploy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    dep = sub.add_parser("deploy", help="run on a real Flower SuperLink + SuperNodes on loopback")
+    dep.add_argument("experiment", nargs="?", help="a simulations/*.toml file of run-config overrides")
+    dep.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override one key"
+    )
+    dep.add_argument(
+        "--supernodes", type=int, default=None, help="SuperNodes to start (default and required: num-clients)"
+    )
+    dep.add_argument(
+        "--tls", action="store_true", help="TLS with a CA and server certificate made on the fly"
+    )
+    dep.add_argument("--work-dir", default=None, help="process logs and probe logs (default: a temp folder)")
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    """``fedpeft deploy``: one run on real Flower processes; prints results and traffic."""
+    from fedpeft.deploy import DeploymentError, deploy
+    from fedpeft.launch import load_experiment, parse_set
+    from strategies import StrategyError
+
+    try:
+        overrides = load_experiment(args.experiment) if args.experiment else {}
+        overrides |= parse_set(args.sets)
+        result = deploy(overrides, supernodes=args.supernodes, tls=args.tls, work_dir=args.work_dir)
+    except (ConfigError, StrategyError, FileNotFoundError, DeploymentError) as err:
+        print(f"fedpeft: error: {err}", file=sys.stderr)
+        return 2
+    print(f"fedpeft deploy: run {result.run_id} {result.status} in {result.wall_seconds:.1f} s")
+    print(f"fedpeft deploy: {result.traffic.summary()}")
+    print(f"fedpeft deploy: results in {result.run_dir}; process logs in {result.work_dir}")
+    return 0 if result.traffic.exact else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "keys":
@@ -119,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             default = ",".join(fld.default) if isinstance(fld.default, tuple) else fld.default
             print(f"{key} = {default!r}")
         return 0
+    if args.command == "deploy":
+        return _deploy(args)
     from fedpeft.checkpoint import CheckpointError
     from fedpeft.launch import load_experiment, parse_set, resume_overrides, simulate
     from strategies import StrategyError

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-APP_LAYER = {"fedpeft.apps", "fedpeft.launch", "fedpeft.cli", "fedpeft.sweep"}
+APP_LAYER = {"fedpeft.apps", "fedpeft.launch", "fedpeft.deploy", "fedpeft.cli", "fedpeft.sweep"}
 
 
 def _modules(package: str):

@@ -10,7 +10,7 @@ import math
 import pytest
 
 from fedpeft.cli import main
-from fedpeft.report import find_runs, group_runs, make_report, summarize
+from fedpeft.report import find_runs, group_runs, summarize
 from fedpeft.results import ClientRecord, ResultsWriter, RoundRecord
 
 
