@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -262,16 +264,80 @@ def _run_engine(
         run_config=get_fused_config_from_dir(app_dir(), dict(overrides)),
     )
     server_attr, client_attr = APP_COMPONENTS
-    _run_simulation(
-        num_supernodes=cfg.num_clients,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app_attr=client_attr,
-        server_app_attr=server_attr,
-        backend_name="ray",
-        backend_config=backend,
-        app_dir=str(app_dir()),
-        run=run,
-        server_app_context=context,
-        is_app=True,
-        verbose_logging=verbose,
-    )
+    with one_pass_delivery():
+        _run_simulation(
+            num_supernodes=cfg.num_clients,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app_attr=client_attr,
+            server_app_attr=server_attr,
+            backend_name="ray",
+            backend_config=backend,
+            app_dir=str(app_dir()),
+            run=run,
+            server_app_context=context,
+            is_app=True,
+            verbose_logging=verbose,
+        )
+
+
+# ---------------------------------------------------------------------- message delivery
+def deliver_pending(state: Any, nodes_mapping: Mapping[int, int]) -> list[Any]:
+    """The undelivered messages of an in-memory LinkState, at most one per node, marked delivered.
+
+    Flower 1.41's simulation loop (``vce_api.add_messages_to_queue``) asks the LinkState
+    every 0.1 s, node by node, for one message: ``num_nodes`` calls per sweep, each of which
+    scans every stored message.  With 10,000 virtual clients that is a sweep of ~10^4 calls
+    even when 10 are sampled (per-round cost grows with the total) and ~10^8 message checks
+    while discovery's 10,000 queries are in flight.  This is one pass over the stored
+    messages instead, with the same checks (``_check_stored_messages``: TTL, federation) and
+    the same result: each node's first undelivered message, marked delivered.
+    """
+    from flwr.supercore.date import now
+
+    store = state.message_ins_store
+    with state.lock:
+        waiting = [
+            msg_id
+            for msg_id, msg in store.items()
+            if msg.metadata.delivered_at == "" and msg.metadata.dst_node_id in nodes_mapping
+        ]
+        if not waiting:
+            return []
+        state._check_stored_messages(set(waiting))  # drops expired / invalid ones
+        out, seen = [], set()
+        for msg_id in waiting:
+            msg = store.get(msg_id)
+            if msg is None or msg.metadata.dst_node_id in seen:
+                continue
+            seen.add(msg.metadata.dst_node_id)
+            out.append(msg)
+        delivered_at = now().isoformat()
+        for msg in out:
+            msg.metadata.delivered_at = delivered_at
+    return out
+
+
+@contextmanager
+def one_pass_delivery() -> Iterator[None]:
+    """Swap Flower's per-node delivery sweep for :func:`deliver_pending` while a simulation runs.
+
+    Only for the in-memory LinkState the engine creates; any other state keeps Flower's loop.
+    """
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    original = vce_api.add_messages_to_queue
+
+    def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: threading.Event) -> None:
+        if not (hasattr(state, "message_ins_store") and hasattr(state, "_check_stored_messages")):
+            original(state, queue, nodes_mapping, f_stop)
+            return
+        while not f_stop.is_set():
+            for msg in deliver_pending(state, nodes_mapping):
+                queue.put(msg)
+            f_stop.wait(0.1)
+
+    vce_api.add_messages_to_queue = add_messages_to_queue
+    try:
+        yield
+    finally:
+        vce_api.add_messages_to_queue = original

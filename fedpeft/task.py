@@ -38,6 +38,11 @@ def server_test_set(cfg: RunConfig) -> Encoded:
     return encode(load_tokenizer(cfg.model.name), test["text"], test["label"], cfg.model.max_length)
 
 
+def client_train_size(cfg: RunConfig, partition_id: int, num_partitions: int) -> int:
+    """How many training examples client ``partition_id`` holds, without tokenizing them."""
+    return load_partition(split(cfg)[0], cfg.data, num_partitions, partition_id, cfg.seed).num_rows
+
+
 @functools.lru_cache(maxsize=256)
 def client_train_set(cfg: RunConfig, partition_id: int, num_partitions: int) -> Encoded:
     """Client ``partition_id``'s share of the training split, tokenized (cached per process)."""

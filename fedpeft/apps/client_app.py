@@ -62,20 +62,29 @@ def _plan_metrics(plan: privacy.RoundPlan) -> dict[str, int | float | list[int] 
 
 @app.query("describe")
 def describe(msg: Message, context: Context) -> Message:
-    """Announce this node's partition (and warm the per-process caches)."""
-    cfg, pid, num, model, data = _setup(context)
+    """Announce this node's partition (and warm the process's model cache).
+
+    Discovery asks every node, so this counts the partition's rows rather than tokenizing
+    them: with thousands of virtual clients, tokenizing each partition here was most of
+    round 0, and the per-process cache of tokenized partitions keeps only the last 256.
+    """
+    cfg = _config(frozenset(context.run_config.items()))
+    pid = int(context.node_config["partition-id"])
+    num = int(context.node_config["num-partitions"])
+    model = get_model(cfg.for_partition(pid), task.num_labels(cfg))
+    num_examples = task.client_train_size(cfg, pid, num)
     metrics = MetricRecord(
         {
             "partition-id": pid,
             "num-partitions": num,
-            "num-examples": len(data),
+            "num-examples": num_examples,
             "num-trainable": model.num_trainable,
         }
     )
     if cfg.peft.method == "lora":  # strategies that serve mixed ranks send each node its own
         metrics["lora-rank"] = cfg.lora.rank_of(pid, cfg.seed)
     if _local_dp(cfg):  # what one round will cost, so the server can keep the budget
-        for key, value in _plan_metrics(_plan(cfg, len(data))).items():
+        for key, value in _plan_metrics(_plan(cfg, num_examples)).items():
             metrics[key] = value
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 

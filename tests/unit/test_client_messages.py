@@ -74,3 +74,20 @@ def test_no_training_text_or_labels_appear_in_any_reply(tiny_overrides):
     for reply in replies:
         wire = message_to_proto(reply).SerializeToString()
         assert not any(n in wire for n in needles + texts)
+
+
+def test_describe_counts_the_partition_without_tokenizing_it(tiny_overrides):
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    cfg = RunConfig.from_run_config(tiny_overrides)
+    grid = DirectGrid(client_app.app, cfg.num_clients, cfg.to_run_config())
+    task.client_train_set.cache_clear()
+    node = list(grid.get_node_ids())[1]
+    (reply,) = grid.send_and_receive(
+        [Message(RecordDict({"config": ConfigRecord()}), node, "query.describe")]
+    )
+    assert task.client_train_set.cache_info().currsize == 0  # discovery of 10,000 nodes tokenizes nothing
+    metrics = reply.content.metric_records["metrics"]
+    pid = int(metrics["partition-id"])
+    assert metrics["num-partitions"] == cfg.num_clients
+    assert metrics["num-examples"] == len(task.client_train_set(cfg, pid, cfg.num_clients)) > 0

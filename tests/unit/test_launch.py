@@ -67,3 +67,101 @@ def test_ray_resources_are_explicit_and_local_by_default():
     assert init["object_store_memory"] == 300 * 1024 * 1024
     cluster = ray_backend_config(RunConfig(device="cpu"), RayOptions(address="127.0.0.1:6379"))["init_args"]
     assert cluster["address"] == "127.0.0.1:6379" and "num_cpus" not in cluster
+
+
+def _linkstate_with_messages(num_nodes: int, dst_index: list[int]):
+    """Flower's in-memory LinkState as the simulation engine sets it up, with queued messages."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID
+    from flwr.proto.task_pb2 import Task
+    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    mapping = _register_nodes(num_nodes, factory)
+    state = factory.state()
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = 1
+    run.federation_id = NOOP_FEDERATION_ID
+    state.run_ids[run.run_id] = RunRecord(run=run)
+    state.task_store[1] = Task(task_id=1, run_id=run.run_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
+    grid = InMemoryGrid(state_factory=factory)
+    grid.set_run(run)
+    nodes = list(mapping)
+    msgs = [
+        Message(RecordDict({"c": ConfigRecord({"i": i})}), nodes[d], "train") for i, d in enumerate(dst_index)
+    ]
+    ids = list(grid.push_messages(msgs))
+    return factory, mapping, nodes, ids
+
+
+def test_one_pass_delivery_hands_out_what_flowers_sweep_does():
+    from flwr.server.superlink.fleet.vce.vce_api import add_messages_to_queue
+
+    from fedpeft.launch import deliver_pending
+
+    dst = [0, 3, 3, 5, 9, 0]  # two nodes with two messages each: one per node per sweep
+    factory, mapping, nodes, _ = _linkstate_with_messages(10, dst)
+    ours = [deliver_pending(factory.state(), mapping) for _ in range(3)]
+
+    factory2, mapping2, nodes2, _ = _linkstate_with_messages(10, dst)
+    state2 = factory2.state()
+    theirs = []
+    for _ in range(3):  # Flower's sweep, as add_messages_to_queue runs it
+        theirs.append([m for node in mapping2 for m in state2.get_message_ins(node_id=node, limit=1)])
+
+    def shape(sweeps, order):
+        return [sorted((order.index(m.metadata.dst_node_id), m.content["c"]["i"]) for m in s) for s in sweeps]
+
+    assert (
+        shape(ours, nodes)
+        == shape(theirs, nodes2)
+        == [[(0, 0), (3, 1), (5, 3), (9, 4)], [(0, 5), (3, 2)], []]
+    )
+    assert all(m.metadata.delivered_at for s in ours for m in s)
+    assert add_messages_to_queue.__module__ == "flwr.server.superlink.fleet.vce.vce_api"
+
+
+def test_one_pass_delivery_skips_expired_messages_and_restores_flowers_loop():
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from fedpeft.launch import deliver_pending, one_pass_delivery
+
+    factory, mapping, _, ids = _linkstate_with_messages(4, [1, 2])
+    state = factory.state()
+    state.message_ins_store[ids[0]].metadata.__dict__["_ttl"] = 1e-9  # expired
+    got = deliver_pending(state, mapping)
+    assert [m.content["c"]["i"] for m in got] == [1]
+    assert ids[0] not in state.message_ins_store  # dropped, as Flower's check does
+
+    original = vce_api.add_messages_to_queue
+    with one_pass_delivery():
+        assert vce_api.add_messages_to_queue is not original
+    assert vce_api.add_messages_to_queue is original
+
+
+def test_one_pass_delivery_is_one_scan_not_one_per_node():
+    import time
+
+    from fedpeft.launch import deliver_pending
+
+    factory, mapping, _, _ = _linkstate_with_messages(5000, list(range(10)))
+    state = factory.state()
+    t = time.perf_counter()
+    for _ in range(20):
+        deliver_pending(state, mapping)
+    ours = (time.perf_counter() - t) / 20
+    t = time.perf_counter()
+    for node in mapping:
+        state.get_message_ins(node_id=node, limit=1)
+    flowers = time.perf_counter() - t
+    assert ours < flowers / 5, (ours, flowers)
