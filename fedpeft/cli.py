@@ -104,8 +104,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from fedpeft.launch import quiet_flower
     from fedpeft.sweep import Sweep, describe, run_sweep
 
+    quiet_flower(args.verbose)  # validating every point builds its strategy: Flower's notes, once each
     spec = Sweep.load(args.sweep_file)
     if args.dry_run:
         spec.resolve()  # every point validated

@@ -202,7 +202,7 @@ def simulate(
     cfg, final = resolve_config(dict(overrides or {}))
     loopback_environment()
     preflight(cfg)
-    _quiet_flower(ray.verbose)
+    quiet_flower(ray.verbose)
     if engine == "inprocess":
         _run_inprocess(cfg, final)
     else:
@@ -215,7 +215,7 @@ def simulate(
     return run_dir
 
 
-def _quiet_flower(verbose: bool) -> None:
+def quiet_flower(verbose: bool) -> None:
     # Flower logs every round at INFO; fedpeft prints its own line per round instead.
     # Client failures still show: Flower logs them as errors.
     logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.ERROR)

@@ -11,6 +11,7 @@ from fedpeft.launch import (
     ray_backend_config,
     resolve_config,
 )
+from fedpeft.sweep import Sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,8 +32,16 @@ def test_set_values_parse_as_toml_scalars_or_strings():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "simulations").glob("*.toml")), ids=lambda p: p.name)
 def test_every_shipped_experiment_is_a_valid_config(path):
+    """Experiment files and sweep files alike: every point validates; the head says how to launch
+    it and (sweeps) how long it takes here."""
     text = path.read_text()
-    assert text.startswith("#") and "fedpeft run" in text.split("\n\n")[0]  # says how to launch it
+    head = text.split("\n\n")[0]
+    if "[sweep]" in text:
+        assert text.startswith("#") and "fedpeft sweep" in head and "fedpeft report" in head
+        assert "minutes here" in text.split("[sweep]")[0]
+        assert len(Sweep.load(path).resolve()) > 1
+        return
+    assert text.startswith("#") and ("fedpeft run" in head or "fedpeft deploy" in head)  # how to launch it
     cfg, _ = resolve_config(load_experiment(path))
     preflight(cfg)
 
