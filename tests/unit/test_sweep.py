@@ -1,6 +1,7 @@
 """fedpeft.sweep: points from a grid and a list, validated first, skipped when done, resumed when cut."""
 
 import json
+import re
 import textwrap
 
 import pytest
@@ -189,3 +190,14 @@ def test_parallel_points_run_as_separate_fedpeft_processes(tmp_path):
     assert all(e["status"] == "done" for e in manifest["points"].values()), manifest
     folder = Sweep.load(path).folder
     assert all([r["round"] for r in read_rounds(folder / f"seed={s}")] == [0, 1] for s in (0, 1))
+
+
+def test_the_readme_sweep_example_is_valid(tmp_path):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```toml\n(.*?)```", readme, flags=re.S) if "[sweep]" in b]
+    path = tmp_path / "density.toml"
+    path.write_text(block)
+    sweep = Sweep.load(path)
+    assert len(sweep.resolve()) == 9 and sweep.engine == "ray"
