@@ -14,6 +14,7 @@ engine underneath it (``flwr.simulation.run_simulation._run_simulation``) with a
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -264,7 +265,7 @@ def _run_engine(
         run_config=get_fused_config_from_dir(app_dir(), dict(overrides)),
     )
     server_attr, client_attr = APP_COMPONENTS
-    with one_pass_delivery():
+    with one_pass_delivery(), shared_run_config():
         _run_simulation(
             num_supernodes=cfg.num_clients,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
@@ -341,3 +342,91 @@ def one_pass_delivery() -> Iterator[None]:
         yield
     finally:
         vce_api.add_messages_to_queue = original
+
+
+# ----------------------------------------------------------------- per-node run contexts
+def register_node_info_stores(
+    nodes_mapping: Mapping[int, int], run: Any, app_dir: str | Path
+) -> dict[int, Any]:
+    """Flower's per-node ``DeprecatedRunInfoStore``s, with the run config fused once and shared.
+
+    Flower 1.41's ``vce_api._register_node_info_stores`` calls ``register_context`` per node,
+    which re-reads and re-fuses ``pyproject.toml`` (``get_fused_config_from_dir``) and keeps
+    two copies of the result per node (``RunInfo.initial_run_config`` and the Context's
+    ``run_config``): 10,000 TOML parses before the first message is delivered and two config
+    dicts per virtual node.  This builds the same stores (same ``node_config`` per node, same
+    Context fields, same run id) around one fused dict.
+
+    Sharing is safe because nothing in the driver writes to it: the worker sends a node's
+    Context to a Ray actor (serialized: the actor works on its own copy), then
+    ``update_context`` only *compares* the returned ``run_config`` with
+    ``initial_run_config`` (raising if the ClientApp changed it) and replaces the node's
+    Context by the returned object, which carries its own deserialized copies.  So the shared
+    dict is only ever read, by ``update_context`` and by the serializer.  The stores are
+    :func:`shared_config_store` instances: after Flower's check, ``update_context`` points the
+    returned Context back at the shared run config (equal by that check) and at the node's
+    ``node_config`` (when equal), so a node that has answered once does not keep its own copy.
+    """
+    from flwr.app import Context, RecordDict
+    from flwr.common.config import get_fused_config_from_dir
+    from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
+    from flwr.compat.client.run_info_store import RunInfo
+
+    store_class = shared_config_store()
+    fused = get_fused_config_from_dir(Path(app_dir), run.override_config)
+    num_partitions = len(set(nodes_mapping.values()))
+    stores: dict[int, Any] = {}
+    for node_id, partition_id in nodes_mapping.items():
+        store = store_class(
+            node_id=node_id, node_config={PARTITION_ID_KEY: partition_id, NUM_PARTITIONS_KEY: num_partitions}
+        )
+        context = Context(
+            run_id=run.run_id,
+            node_id=node_id,
+            node_config=store.node_config,
+            state=RecordDict(),
+            run_config=fused,
+        )
+        store.run_infos[run.run_id] = RunInfo(context=context, initial_run_config=fused)
+        stores[node_id] = store
+    return stores
+
+
+@functools.cache
+def shared_config_store() -> type[Any]:
+    """``DeprecatedRunInfoStore`` whose ``update_context`` keeps the run config shared."""
+    from flwr.app import Context
+    from flwr.compat.client.run_info_store import DeprecatedRunInfoStore
+
+    class SharedConfigRunInfoStore(DeprecatedRunInfoStore):
+        def update_context(self, run_id: int, context: Context) -> None:
+            super().update_context(run_id, context)  # raises if the ClientApp changed run_config
+            context.run_config = self.run_infos[run_id].initial_run_config
+            if context.node_config == self.node_config:
+                context.node_config = self.node_config
+
+    return SharedConfigRunInfoStore
+
+
+@contextmanager
+def shared_run_config() -> Iterator[None]:
+    """Swap Flower's per-node context registration for :func:`register_node_info_stores`.
+
+    ``start_vce`` looks ``_register_node_info_stores`` up as a global of ``vce_api`` when it
+    runs, so that is the name replaced, while a simulation runs.  Without an app folder
+    (``is_app`` false: the config comes from an installed FAB) Flower's function runs.
+    """
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    original = vce_api._register_node_info_stores
+
+    def _register_node_info_stores(nodes_mapping: Any, run: Any, app_dir: str | None = None) -> Any:
+        if not app_dir or not Path(app_dir).is_dir():
+            return original(nodes_mapping, run, app_dir)
+        return register_node_info_stores(nodes_mapping, run, app_dir)
+
+    vce_api._register_node_info_stores = _register_node_info_stores
+    try:
+        yield
+    finally:
+        vce_api._register_node_info_stores = original

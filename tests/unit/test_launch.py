@@ -174,3 +174,75 @@ def test_one_pass_delivery_is_one_scan_not_one_per_node():
         state.get_message_ins(node_id=node, limit=1)
     flowers = time.perf_counter() - t
     assert ours < flowers / 5, (ours, flowers)
+
+
+def test_shared_run_config_registers_what_flower_does_with_one_config():
+    import copy
+
+    from flwr.app import ConfigRecord
+    from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.supercore.run import Run
+
+    from fedpeft.launch import app_dir, register_node_info_stores, shared_run_config
+
+    mapping = {101: 0, 205: 1, 309: 2, 412: 3}
+    run = Run.create_empty(run_id=77)
+    run.override_config = {"num-clients": 4, "num-rounds": 3}
+    theirs = vce_api._register_node_info_stores(mapping, run, str(app_dir()))
+    original = vce_api._register_node_info_stores
+    with shared_run_config():
+        assert vce_api._register_node_info_stores is not original
+        ours = vce_api._register_node_info_stores(mapping, run, str(app_dir()))  # as start_vce calls it
+    assert vce_api._register_node_info_stores is original
+    assert ours.keys() == theirs.keys() == mapping.keys()
+    configs = set()
+    for node_id, partition_id in mapping.items():
+        mine, flowers = ours[node_id].retrieve_context(77), theirs[node_id].retrieve_context(77)
+        assert (
+            mine.node_config == flowers.node_config == {PARTITION_ID_KEY: partition_id, NUM_PARTITIONS_KEY: 4}
+        )
+        assert ours[node_id].node_config == mine.node_config and ours[node_id].node_id == node_id
+        assert (mine.run_id, mine.node_id, mine.series_id) == (
+            flowers.run_id,
+            flowers.node_id,
+            flowers.series_id,
+        )
+        assert mine.run_config == flowers.run_config and mine.run_config["num-rounds"] == 3
+        assert len(mine.state) == len(flowers.state) == 0
+        assert (
+            ours[node_id].run_infos[77].initial_run_config == theirs[node_id].run_infos[77].initial_run_config
+        )
+        configs |= {id(mine.run_config), id(ours[node_id].run_infos[77].initial_run_config)}
+    assert len(configs) == 1  # one dict for every node, context and initial config alike
+    # a Context as a ClientApp returns it (deserialized: its own copies) is accepted, as with
+    # Flower's, and then points at the shared dicts again; a changed run_config still raises
+    returned = copy.deepcopy(ours[101].retrieve_context(77))
+    returned.state["x"] = ConfigRecord({"a": 1})
+    assert returned.run_config is not ours[205].retrieve_context(77).run_config
+    ours[101].update_context(77, returned)
+    got = ours[101].retrieve_context(77)
+    assert got is returned and "x" in got.state
+    assert got.run_config is ours[205].retrieve_context(77).run_config
+    assert got.node_config is ours[101].node_config
+    changed = copy.deepcopy(got)
+    changed.run_config["num-rounds"] = 9
+    with pytest.raises(ValueError, match="cannot be modified"):
+        ours[101].update_context(77, changed)
+    assert ours[101].retrieve_context(77).run_config["num-rounds"] == 3
+    assert register_node_info_stores.__module__ == "fedpeft.launch"
+
+
+def test_shared_run_config_falls_back_to_flower_without_an_app_folder():
+    from flwr.compat.client.run_info_store import DeprecatedRunInfoStore
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.supercore.run import Run
+
+    from fedpeft.launch import shared_run_config
+
+    run = Run.create_empty(run_id=5)
+    with shared_run_config():
+        stores = vce_api._register_node_info_stores({1: 0, 2: 1}, run, None)  # is_app false
+    assert {type(s) for s in stores.values()} == {DeprecatedRunInfoStore}  # Flower's own stores
+    # Flower's get_fused_config(run) for an empty Run (no installed FAB): an empty config
+    assert stores[1].retrieve_context(5).run_config == {}
