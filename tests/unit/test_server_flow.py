@@ -116,3 +116,19 @@ def test_discovery_fails_clearly_when_clients_are_missing(tiny_cfg):
     grid = DirectGrid(client_module.app, 2, cfg.to_run_config())  # config says 3
     with pytest.raises(ClientDiscoveryError, match="num-clients=3"):
         run_server(grid, cfg)
+
+
+def test_discovery_asks_in_batches_and_finds_every_node(tiny_cfg, monkeypatch):
+    from fedpeft.apps import server_app
+    from fedpeft.metering import MeteredGrid
+
+    monkeypatch.setattr(server_app, "DISCOVERY_BATCH", 2)  # 3 nodes: batches of 2 and 1
+    grid = MeteredGrid(DirectGrid(client_module.app, tiny_cfg.num_clients, tiny_cfg.to_run_config()))
+    pushed = []
+    push = grid.push_messages
+    monkeypatch.setattr(
+        grid, "push_messages", lambda msgs: pushed.append(len(msgs := list(msgs))) or push(msgs)
+    )
+    described = server_app.discover_clients(grid, tiny_cfg)
+    assert pushed == [2, 1]
+    assert sorted(int(m["partition-id"]) for m in described.values()) == [0, 1, 2]
