@@ -214,11 +214,11 @@ def run_sweep(
     if runner is None:
         runner = _in_this_process(ray, engine) if jobs == 1 else _in_subprocess(ray, engine, jobs)
 
-    def run_one(item: tuple[SweepPoint, dict[str, ConfigValue]]) -> None:
-        point, overrides = item
+    def run_one(numbered: tuple[int, tuple[SweepPoint, dict[str, ConfigValue]]]) -> None:
+        number, (point, overrides) = numbered
         entry = manifest["points"][point.name]
         how = "resuming" if overrides["resume"] else "running"
-        echo(f"sweep {sweep.name}: {how} {point.name} ({len(todo)} to run)")
+        echo(f"sweep {sweep.name}: {how} {point.name} ({number}/{len(todo)} to run)")
         t0 = time.perf_counter()
         try:
             runner(overrides)
@@ -231,11 +231,11 @@ def run_sweep(
         _write_manifest(sweep, manifest)
 
     if jobs == 1:
-        for item in todo:
-            run_one(item)
+        for numbered in enumerate(todo, 1):
+            run_one(numbered)
     else:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            list(pool.map(run_one, todo))
+            list(pool.map(run_one, enumerate(todo, 1)))
     failed = [n for n, e in manifest["points"].items() if e["status"] == "failed"]
     echo(
         f"sweep {sweep.name}: {len(resolved) - len(failed)}/{len(resolved)} points done"
