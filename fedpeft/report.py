@@ -164,6 +164,8 @@ def group_runs(runs: Sequence[RunSummary]) -> list[Group]:
 
 
 def _short(value: Any) -> str:
+    if value == "":
+        return '""'
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
