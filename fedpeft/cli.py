@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedpeft.config import ConfigError, config_schema
+from fedpeft.config import ConfigError, ConfigValue, config_schema
 
 if TYPE_CHECKING:
     from fedpeft.launch import RayOptions
@@ -132,19 +132,19 @@ def _add_deploy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     dep.add_argument("--work-dir", default=None, help="process logs and probe logs (default: a temp folder)")
 
 
+def _overrides(args: argparse.Namespace) -> dict[str, ConfigValue]:
+    """The experiment file's overrides, then every ``--set`` (``run`` and ``deploy``)."""
+    from fedpeft.launch import load_experiment, parse_set
+
+    overrides = load_experiment(args.experiment) if args.experiment else {}
+    return overrides | parse_set(args.sets)
+
+
 def _deploy(args: argparse.Namespace) -> int:
     """``fedpeft deploy``: one run on real Flower processes; prints results and traffic."""
-    from fedpeft.deploy import DeploymentError, deploy
-    from fedpeft.launch import load_experiment, parse_set
-    from strategies import StrategyError
+    from fedpeft.deploy import deploy
 
-    try:
-        overrides = load_experiment(args.experiment) if args.experiment else {}
-        overrides |= parse_set(args.sets)
-        result = deploy(overrides, supernodes=args.supernodes, tls=args.tls, work_dir=args.work_dir)
-    except (ConfigError, StrategyError, FileNotFoundError, DeploymentError) as err:
-        print(f"fedpeft: error: {err}", file=sys.stderr)
-        return 2
+    result = deploy(_overrides(args), supernodes=args.supernodes, tls=args.tls, work_dir=args.work_dir)
     print(f"fedpeft deploy: run {result.run_id} {result.status} in {result.wall_seconds:.1f} s")
     print(f"fedpeft deploy: {result.traffic.summary()}")
     print(f"fedpeft deploy: results in {result.run_dir}; process logs in {result.work_dir}")
@@ -158,25 +158,23 @@ def main(argv: list[str] | None = None) -> int:
             default = ",".join(fld.default) if isinstance(fld.default, tuple) else fld.default
             print(f"{key} = {default!r}")
         return 0
-    if args.command == "deploy":
-        return _deploy(args)
     from fedpeft.checkpoint import CheckpointError
-    from fedpeft.launch import load_experiment, parse_set, resume_overrides, simulate
+    from fedpeft.deploy import DeploymentError
+    from fedpeft.launch import resume_overrides, simulate
     from strategies import StrategyError
 
     try:
+        if args.command == "deploy":
+            return _deploy(args)
         if args.command == "report":
             return _report(args)
         if args.command == "sweep":
             return _sweep(args)
         if args.resume and (args.experiment or args.sets):
             raise ConfigError("--resume continues a run as it was configured: give no experiment or --set")
-        overrides = load_experiment(args.experiment) if args.experiment else {}
-        overrides |= parse_set(args.sets)
-        if args.resume:
-            overrides = resume_overrides(args.resume)
+        overrides = resume_overrides(args.resume) if args.resume else _overrides(args)
         simulate(overrides, _ray_options(args), engine=args.engine)
-    except (ConfigError, StrategyError, CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, StrategyError, CheckpointError, FileNotFoundError, DeploymentError) as err:
         print(f"fedpeft: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -420,7 +420,7 @@ def deploy(
     if nodes != cfg.num_clients:
         raise ConfigError(
             f"--supernodes {nodes} but num-clients={cfg.num_clients}: each SuperNode serves one "
-            "partition, so start as many as num-clients (or --set num-clients={nodes})"
+            f"partition, so start as many as num-clients (or --set num-clients={nodes})"
         )
     from fedpeft.apps.server_app import run_dir_for
 

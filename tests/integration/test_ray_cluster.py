@@ -12,17 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from fedpeft.deploy import free_port
 from fedpeft.launch import RayOptions, simulate
 from fedpeft.results import read_rounds
 from tests.integration.test_simulation import ListenWatcher, _is_loopback
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_for(port: int, seconds: float) -> None:
@@ -42,7 +37,7 @@ def ray_head(monkeypatch):
     tmp = tempfile.mkdtemp(prefix="fpray")
     monkeypatch.setenv("RAY_TMPDIR", tmp)
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    port = _free_port()
+    port = free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
     cmd = [ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1"]
     cmd += ["--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={tmp}"]
