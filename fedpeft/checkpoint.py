@@ -38,6 +38,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedpeft.crash import crash_point
 from strategies.wrapper import StrategyWrapper, wrapper_chain
 
 CHECKPOINT_FILE = "checkpoint.bin"
@@ -50,15 +51,32 @@ class CheckpointError(RuntimeError):
 
 
 # ---------------------------------------------------------------------- atomic files
-def write_atomic(path: Path, body: bytes) -> None:
-    """Write ``MAGIC + sha256(body) + body`` to ``path`` via a temporary file and a rename."""
+def write_atomic(path: Path, body: bytes, crash_name: str | None = None) -> None:
+    """Write ``MAGIC + sha256(body) + body`` to ``path`` via a temporary file and a rename.
+
+    ``crash_name`` names the :func:`~fedpeft.crash.crash_point` passed when half the file
+    is on disk (the crash test kills the run there).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    data = _MAGIC + hashlib.sha256(body).digest() + body
     with tmp.open("wb") as fh:
-        fh.write(_MAGIC + hashlib.sha256(body).digest() + body)
+        half = len(data) // 2
+        fh.write(data[:half])
+        if crash_name:
+            fh.flush()
+            crash_point(crash_name)
+        fh.write(data[half:])
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files of writes a crash cut short (never read, only clutter)."""
+    if folder.is_dir():
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def read_verified(path: Path) -> bytes:
@@ -94,7 +112,7 @@ class Checkpoint:
                 f"cannot checkpoint the strategy state ({type(err).__name__}: {err}); every attribute "
                 "of a strategy must pickle (no lambdas, open files or locks)"
             ) from err
-        write_atomic(run_dir / CHECKPOINT_FILE, body)
+        write_atomic(run_dir / CHECKPOINT_FILE, body, crash_name="checkpoint-write")
 
     @staticmethod
     def load(run_dir: Path) -> Checkpoint:
@@ -176,7 +194,11 @@ class ClientStateStore:
 
     def save(self, server_round: int, state: RecordDict) -> None:
         """Keep ``state`` as of the end of ``server_round``; older files but the last go."""
-        write_atomic(self._path(server_round), recorddict_to_proto(state).SerializeToString())
+        write_atomic(
+            self._path(server_round),
+            recorddict_to_proto(state).SerializeToString(),
+            crash_name="client-state-write",
+        )
         for old in self.rounds()[:-2]:  # at most one round can be ahead of the server's checkpoint
             self._path(old).unlink(missing_ok=True)
 
@@ -188,3 +210,20 @@ class ClientStateStore:
         proto = ProtoRecordDict()
         proto.ParseFromString(read_verified(self._path(usable[-1])))
         return recorddict_from_proto(proto)
+
+
+def prepare_resume(run_dir: Path, up_to_round: int) -> None:
+    """Before resuming after ``up_to_round``: clear half-written files, check the client states.
+
+    A crash can leave temporaries of writes it cut short (never read); a state saved for a
+    round after the checkpoint belongs to a round that is redone, and is ignored by
+    :meth:`ClientStateStore.load`.  Every state the resumed clients will load must be
+    whole: a damaged one is an error that names the file, never a silent fresh start.
+    """
+    remove_stale_temporaries(run_dir)
+    clients = run_dir / CLIENT_STATE_DIR
+    if not clients.is_dir():
+        return
+    for folder in sorted(p for p in clients.iterdir() if p.is_dir() and p.name.isdigit()):
+        remove_stale_temporaries(folder)
+        ClientStateStore(run_dir, int(folder.name)).load(up_to_round)  # raises if damaged

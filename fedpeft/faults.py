@@ -5,19 +5,29 @@ With ``failures.*-probability`` set, every sampled client draws once per round -
 
 * **raise**: the ClientApp raises before training; Flower turns that into an error reply,
   recorded with its reason;
-* **hang**: the client sleeps past ``round-timeout`` before training, so its reply comes
-  too late and the server records "no reply before the round timeout";
+* **hang**: the client stays away past ``round-timeout`` before training, so its reply
+  comes too late and the server records "no reply before the round timeout";
 * **drop**: the client trains, then drops out: its reply also never arrives in time.
 
 The server aggregates what did arrive; with fewer than ``min-replies`` the round leaves
 the global model as it was.  Implemented as a Flower client mod, outside every other mod.
+
+Staying away is real time on Flower's engines (the client sleeps; the server's round
+timeout decides) and *simulated* time on the in-process engine (:func:`simulated_time`):
+there clients run one after another, so a wall-clock timeout would make the outcome
+depend on how busy the machine is.  A reply misses the round there exactly when the
+delays injected into it exceed ``round-timeout``, whatever the load.
+
+Crashes of the whole run (SIGKILL at chosen moments) are :mod:`fedpeft.crash`'s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 from flwr.app import ConfigRecord, Context, Message
 
@@ -61,10 +71,44 @@ def failure_mod(get_cfg: Callable[[Context], RunConfig]) -> Mod:
         if kind == "raise":
             raise InjectedFailure(f"injected failure: client raised in round {server_round}")
         if kind == "hang":
-            time.sleep(cfg.round_timeout + LATE_BY_SECONDS)
+            stay_away(cfg.round_timeout + LATE_BY_SECONDS)
         reply = call_next(msg, context)
         if kind == "drop":
-            time.sleep(cfg.round_timeout + LATE_BY_SECONDS)
+            stay_away(cfg.round_timeout + LATE_BY_SECONDS)
         return reply
 
     return mod
+
+
+# ---------------------------------------------------------------------- simulated time
+class SimulatedClock:
+    """Seconds a client has been told to stay away during one call (nothing really waits)."""
+
+    def __init__(self) -> None:
+        self.elapsed = 0.0
+
+    def sleep(self, seconds: float) -> None:
+        self.elapsed += seconds
+
+
+_CLOCK: ContextVar[SimulatedClock | None] = ContextVar("fedpeft_simulated_clock", default=None)
+
+
+@contextlib.contextmanager
+def simulated_time() -> Iterator[SimulatedClock]:
+    """Within this block, :func:`stay_away` advances the returned clock instead of sleeping."""
+    clock = SimulatedClock()
+    token = _CLOCK.set(clock)
+    try:
+        yield clock
+    finally:
+        _CLOCK.reset(token)
+
+
+def stay_away(seconds: float) -> None:
+    """Be late by ``seconds``: real sleep, or simulated time inside :func:`simulated_time`."""
+    clock = _CLOCK.get()
+    if clock is None:
+        time.sleep(seconds)
+    else:
+        clock.sleep(seconds)

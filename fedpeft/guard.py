@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedpeft.crash import crash_point
 from fedpeft.rejections import RejectionLog
 from fedpeft.wire import ARRAYS_KEY, from_record
 from strategies.wrapper import StrategyWrapper, wrapper_chain
@@ -63,6 +64,7 @@ class UpdateGuard(StrategyWrapper):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        crash_point("aggregate")  # every strategy stack has a guard: the moment aggregation starts
         kept = []
         for reply in replies:
             reason = None if reply.has_error() else self.problem(reply)

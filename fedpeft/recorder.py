@@ -49,6 +49,7 @@ class RoundRecorder:
         echo: Callable[[str], None] = print,
         after_round: Callable[[int, ArrayRecord], None] | None = None,
         offset: int = 0,
+        resumed: bool = False,
     ) -> None:
         self.grid = grid
         self.writer = writer
@@ -62,7 +63,10 @@ class RoundRecorder:
         # Called with each finished round's global tensors (the checkpoint is written there).
         self.after_round = after_round
         # A resumed run: Flower's Strategy.start counts from 1 again; rounds are offset + n.
+        # Its round 0 (offset 0 too, when the crash came before round 1 was checkpointed)
+        # is already recorded.
         self.offset = offset
+        self.resumed = resumed
         self._t_round = time.perf_counter()
 
     def start_clock(self) -> None:
@@ -70,7 +74,7 @@ class RoundRecorder:
         self._t_round = time.perf_counter()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if self.offset and server_round == 0:
+        if self.resumed and server_round == 0:
             # Resumed: round ``offset`` is already recorded. What the grid carried since
             # (the discovery query of the restart) was counted in round 0 the first time.
             self.grid.drain()

@@ -29,6 +29,7 @@ import csv
 import dataclasses
 import hashlib
 import importlib.metadata
+import io
 import json
 import math
 import os
@@ -39,6 +40,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from fedpeft.crash import crash_point
 
 __all__ = [
     "CLIENTS_CSV_COLUMNS",
@@ -309,9 +312,13 @@ def _csv_cell(x: Any) -> Any:
     return "" if x is None else x
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+def _atomic_write_text(path: Path, text: str, *, sync: bool = False) -> None:
+    """Write ``text`` to a temporary name, then rename it over ``path``: never half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as f:
+        f.write(text)
+        if sync:
+            _sync(f)
     os.replace(tmp, path)
 
 
@@ -352,7 +359,8 @@ class ResultsWriter:
         """Continue a run folder: keep the rounds up to ``up_to_round``, drop any later ones.
 
         A crash can leave a round recorded whose checkpoint never completed; that round is
-        run again, so its record goes.  The kept rounds are rewritten to all three files.
+        run again, so its record goes.  The kept rounds are rewritten to all three files,
+        each replaced atomically, so a crash during the rewrite loses nothing either.
         """
         kept = [RoundRecord.from_dict(d) for d in read_rounds(self.run_dir) if d["round"] <= up_to_round]
         if [r.round for r in kept] != list(range(up_to_round + 1)):
@@ -361,41 +369,47 @@ class ResultsWriter:
                 f"(found {[r.round for r in kept]})"
             )
         self._records, self._cum_up, self._cum_down = [], 0, 0
+        texts = {name: io.StringIO() for name in (ROUNDS_JSONL, ROUNDS_CSV, CLIENTS_CSV)}
         for rec in kept:
-            self.add_round(rec)
+            self._append(rec, texts)
+        for name, text in texts.items():
+            _atomic_write_text(self.run_dir / name, text.getvalue(), sync=True)
         return kept
 
     def add_round(self, rec: RoundRecord) -> RoundRecord:
         """Fill the running byte totals into ``rec``, append it to all files, return it."""
+        texts = {name: io.StringIO() for name in (ROUNDS_JSONL, ROUNDS_CSV, CLIENTS_CSV)}
+        first = not self._records
+        self._append(rec, texts)
+        for name, text in texts.items():
+            if first:  # a new run (or a reused name): start every file afresh, atomically
+                _atomic_write_text(self.run_dir / name, text.getvalue(), sync=True)
+            else:
+                with (self.run_dir / name).open("a", encoding="utf-8", newline="") as f:
+                    f.write(text.getvalue())
+                    _sync(f)
+            crash_point("record")
+        return rec
+
+    def _append(self, rec: RoundRecord, texts: Mapping[str, io.StringIO]) -> None:
+        """Fill ``rec``'s running totals, add it to the records and its lines to ``texts``."""
         self._cum_up += rec.bytes_up
         self._cum_down += rec.bytes_down
         rec.cum_bytes_up = self._cum_up
         rec.cum_bytes_down = self._cum_down
         first = not self._records
-        mode = "w" if first else "a"
-
-        with (self.run_dir / ROUNDS_JSONL).open(mode, encoding="utf-8") as f:
-            f.write(json.dumps(_finite_or_none(rec.to_dict()), allow_nan=False) + "\n")
-            _sync(f)
-
-        with (self.run_dir / ROUNDS_CSV).open(mode, encoding="utf-8", newline="") as f:
-            w = csv.writer(f)
-            if first:
-                w.writerow(ROUNDS_CSV_COLUMNS)
-            w.writerow([_csv_cell(getattr(rec, col)) for col in ROUNDS_CSV_COLUMNS])
-            _sync(f)
-
-        with (self.run_dir / CLIENTS_CSV).open(mode, encoding="utf-8", newline="") as f:
-            w = csv.writer(f)
-            if first:
-                w.writerow(CLIENTS_CSV_COLUMNS)
-            for c in rec.clients:
-                row = dataclasses.asdict(c)
-                w.writerow([rec.round, *(_csv_cell(row[k]) for k in CLIENTS_CSV_COLUMNS[1:])])
-            _sync(f)
-
+        texts[ROUNDS_JSONL].write(json.dumps(_finite_or_none(rec.to_dict()), allow_nan=False) + "\n")
+        rounds = csv.writer(texts[ROUNDS_CSV])
+        if first:
+            rounds.writerow(ROUNDS_CSV_COLUMNS)
+        rounds.writerow([_csv_cell(getattr(rec, col)) for col in ROUNDS_CSV_COLUMNS])
+        clients = csv.writer(texts[CLIENTS_CSV])
+        if first:
+            clients.writerow(CLIENTS_CSV_COLUMNS)
+        for c in rec.clients:
+            row = dataclasses.asdict(c)
+            clients.writerow([rec.round, *(_csv_cell(row[k]) for k in CLIENTS_CSV_COLUMNS[1:])])
         self._records.append(rec)
-        return rec
 
     def plot(self, path: str | os.PathLike[str] = PLOT_FILE) -> Path:
         """Save a two-panel PNG: accuracy vs round, cumulative MB on the wire vs round.

@@ -2,24 +2,47 @@
 
 ``DirectGrid`` delivers each message straight to a ``ClientApp`` in this process, with
 one persistent ``Context`` per node (as Flower's simulation engine keeps them).  Tests
-and strategy authors use it to run whole federations in seconds; the Ray-backed engine
-(:mod:`fedpeft.launch`) is what users run.
+and strategy authors use it to run whole federations in seconds; ``fedpeft run --engine
+inprocess`` runs on it; the Ray-backed engine (:mod:`fedpeft.launch`) is the default.
+
+It is deterministic by construction, so a run, its rerun and its resumption after a
+crash agree to the byte:
+
+* node ids are 64-bit numbers like Flower's (a message's size includes them as varints),
+  drawn from the run seed instead of at random, so the same seed gives the same ids;
+* clients run one after another, and the round timeout counts only the delays injected
+  into a client (:func:`fedpeft.faults.simulated_time`), never how long the CPU took.
 """
 
 from __future__ import annotations
 
-import time
+import copy
+import random
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from flwr.app import Context, Message, RecordDict
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
+from flwr.common.constant import NODE_ID_NUM_BYTES, SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.config import ConfigValue
+from fedpeft.faults import simulated_time
+from fedpeft.runtime import derive_seed
+
+
+def seeded_node_ids(seed: int, count: int) -> list[int]:
+    """``count`` distinct node ids of Flower's width (uint64, never 0 or the SuperLink's), from ``seed``."""
+    rng = random.Random(derive_seed(seed, "node-ids"))
+    ids: list[int] = []
+    while len(ids) < count:
+        node = rng.getrandbits(8 * NODE_ID_NUM_BYTES)
+        if node not in (0, SUPERLINK_NODE_ID) and node not in ids:
+            ids.append(node)
+    return ids
 
 
 class DirectGrid(Grid):
@@ -31,14 +54,20 @@ class DirectGrid(Grid):
         num_nodes: int,
         run_config: Mapping[str, ConfigValue],
         *,
-        first_node_id: int = 1000,
+        node_ids: Sequence[int] | None = None,
         reply_timeout: float | None = None,
     ) -> None:
         if TaskIdentity._run_id is None:  # Message() needs a run identity outside Flower's runtime
             TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
         self.client_app = client_app
-        # Node ids deliberately do not follow partition order, as in Flower's engine.
-        ids = [first_node_id + (7919 * i) % (num_nodes * 7919 + 1) for i in range(num_nodes)]
+        # Node ids do not follow partition order, as in Flower's engine; partition i gets ids[i].
+        ids = (
+            list(node_ids)
+            if node_ids is not None
+            else seeded_node_ids(int(run_config.get("seed", 0)), num_nodes)
+        )
+        if len(set(ids)) != num_nodes:
+            raise ValueError(f"DirectGrid needs {num_nodes} distinct node ids, got {len(set(ids))}")
         self.contexts = {
             node_id: Context(
                 run_id=TaskIdentity.run_id,
@@ -47,13 +76,16 @@ class DirectGrid(Grid):
                 state=RecordDict(),
                 run_config=dict(run_config),
             )
-            for pid, node_id in enumerate(reversed(ids))
+            for pid, node_id in enumerate(ids)
         }
         self._inbox: dict[str, Message] = {}
         self.fail_nodes: set[int] = set()  # nodes whose next messages get no reply
-        # Clients run one after another here; one whose own call takes longer than this
-        # is treated as a reply that missed the round (as with Flower's engine in parallel).
+        # A reply whose injected delays (simulated time) exceed this missed the round.
         self.reply_timeout = reply_timeout
+
+    #: Every reply that will ever come is in the first pull (clients run inside it), so a
+    #: caller need not wait out the round timeout for the missing ones.
+    answers_at_once = True
 
     def set_run(self, run: Run) -> None:  # pragma: no cover - nothing to set
         pass
@@ -90,12 +122,16 @@ class DirectGrid(Grid):
             if msg is None or msg.metadata.dst_node_id in self.fail_nodes:
                 continue
             context = self.contexts[msg.metadata.dst_node_id]
-            started = time.monotonic()
-            try:
-                reply = self.client_app(msg, context)
-            except Exception as err:  # a crashing ClientApp becomes an error reply, as in Flower
-                reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
-            if self.reply_timeout is None or time.monotonic() - started <= self.reply_timeout:
+            before = copy.deepcopy(context.state)
+            with simulated_time() as clock:
+                try:
+                    reply = self.client_app(msg, context)
+                except Exception as err:  # a crashing ClientApp becomes an error reply, as in Flower
+                    reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+                    # Flower's engine keeps a node's Context only from calls that return, so
+                    # what the failed call changed in place is undone (a resumed run agrees).
+                    context.state = before
+            if self.reply_timeout is None or clock.elapsed <= self.reply_timeout:
                 replies.append(reply)
         return replies
 

@@ -19,6 +19,7 @@ from fedpeft import privacy, task
 from fedpeft.checkpoint import ClientStateStore
 from fedpeft.codecs.flower import codec_client_mod
 from fedpeft.config import ConfigValue, RunConfig
+from fedpeft.crash import crash_point
 from fedpeft.faults import failure_mod
 from fedpeft.models import FedModel, get_model, model_cache_info
 from fedpeft.runtime import derive_seed, quiet_libraries
@@ -153,6 +154,7 @@ def train(msg: Message, context: Context) -> Message:
         dp_metrics = _plan_metrics(plan) | {"dp-epsilon": ledger.epsilon(cfg.dp.delta, cfg.dp.accountant)}
     else:
         result = train_local(model, data, cfg.train, seed=seed, proximal_mu=_proximal_mu(msg))
+    crash_point("train")
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,

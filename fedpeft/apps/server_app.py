@@ -23,6 +23,7 @@ from fedpeft.checkpoint import (
     CLIENT_STATE_DIR,
     Checkpoint,
     RoundOffset,
+    prepare_resume,
     remap_nodes,
     rng_state,
     set_rng_state,
@@ -32,7 +33,7 @@ from fedpeft.config import ConfigError, RunConfig
 from fedpeft.data import partition_stats
 from fedpeft.guard import UpdateGuard
 from fedpeft.metering import MeteredGrid
-from fedpeft.models import get_model
+from fedpeft.models import FedModel, get_model
 from fedpeft.privacy import RoundPlan
 from fedpeft.privacy_budget import PrivacyBudget, central_dp, central_epsilon
 from fedpeft.recorder import RoundRecorder
@@ -99,6 +100,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     done = ckpt.round if ckpt else 0
     writer = ResultsWriter(run_dir)
     if ckpt:
+        prepare_resume(run_dir, done)
         writer.resume(done)
     else:
         writer.write_config(cfg.to_run_config())
@@ -128,6 +130,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
         privacy=privacy_figures(cfg, state.budget, partition_of),
         after_round=checkpoint,
         offset=done,
+        resumed=ckpt is not None,
     )
     print(
         f"fedpeft: {cfg.peft.method} on {cfg.model.name} ({model.num_trainable:,} exchanged parameters), "
@@ -155,10 +158,23 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     )
     final = result.arrays if len(result.arrays) else initial
     model.load_exchange_state(from_record(final))
-    model.save(run_dir / "adapter", labels, cfg=cfg.for_server())
     writer.plot()
+    save_adapter(model, run_dir, labels, cfg)  # last: its presence marks a finished run
     print(f"fedpeft: done in {time.perf_counter() - t0:.1f} s; results in {run_dir}", flush=True)
     return run_dir
+
+
+def save_adapter(model: FedModel, run_dir: Path, labels: tuple[str, ...], cfg: RunConfig) -> Path:
+    """Write ``run_dir/adapter`` whole or not at all (a crash mid-save leaves no adapter).
+
+    A resumed run whose checkpoint is the last round writes it again.
+    """
+    final, tmp = run_dir / "adapter", run_dir / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp, labels, cfg=cfg.for_server())
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
 
 
 def _absorb_discovery(state: ServerState, described: dict[int, dict[str, float]]) -> None:

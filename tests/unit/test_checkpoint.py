@@ -19,7 +19,7 @@ from fedpeft.checkpoint import (
 )
 from fedpeft.config import RunConfig
 from fedpeft.results import read_rounds
-from fedpeft.testing import DirectGrid
+from fedpeft.testing import DirectGrid, seeded_node_ids
 
 
 def test_a_cut_short_or_altered_file_is_never_read(tmp_path):
@@ -94,9 +94,11 @@ def test_a_run_resumed_after_a_crash_equals_an_uninterrupted_one(tiny_overrides,
     assert max(r["round"] for r in read_rounds(run_dir)) == 1
 
     resumed_cfg = RunConfig.from_run_config(base | {"run-name": "crashed", "resume": True})
-    # A new engine: new node ids, fresh contexts; state comes back from the checkpoint and disk.
-    # (Ids of the same varint length as before: a message's size includes its node ids.)
-    grid = DirectGrid(client_app.app, 3, resumed_cfg.to_run_config(), first_node_id=1001)
+    # A new engine as on Ray: new node ids, fresh contexts; state comes back from the
+    # checkpoint and disk. (Ids of the same varint length as before: a message's size
+    # includes its node ids.)
+    new_ids = [node ^ 1 for node in seeded_node_ids(resumed_cfg.seed, 3)]
+    grid = DirectGrid(client_app.app, 3, resumed_cfg.to_run_config(), node_ids=new_ids)
     run_server(grid, resumed_cfg)
 
     assert _without_timing(read_rounds(run_dir)) == _without_timing(read_rounds(whole))
