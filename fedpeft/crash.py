@@ -99,7 +99,7 @@ def plan_kills(seed: int | str, count: int, duration: float, max_nth: Mapping[st
     kills = []
     for i in range(count):
         if i % 2 == 0:
-            kills.append(Kill(seconds=round(rng.uniform(0.3, 0.95) * duration, 1)))
+            kills.append(Kill(seconds=round(rng.uniform(0.2, 0.75) * duration, 1)))
         else:
             point = rng.choice(sorted(max_nth))
             kills.append(Kill(point, rng.randint(1, max(1, max_nth[point]))))

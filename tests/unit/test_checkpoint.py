@@ -116,3 +116,23 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tiny_overrides, tmp_path):
     cfg = RunConfig.from_run_config(tiny_overrides | {"resume": True, "run-name": "never-ran"})
     with pytest.raises(CheckpointError, match=f"no {CHECKPOINT_FILE}"):
         preflight(cfg)
+
+
+def test_resume_clears_cut_short_writes_and_refuses_a_damaged_client_state(tmp_path):
+    from fedpeft.checkpoint import prepare_resume
+
+    store = ClientStateStore(tmp_path, 0)
+    for r in (1, 2):
+        store.save(r, RecordDict({"ledger": ConfigRecord({"round": r})}))
+    # What a kill in the middle of writing round 3's state and the checkpoint leaves behind.
+    (store.folder / ".round-000003.state.123.tmp").write_bytes(b"half")
+    (tmp_path / f".{CHECKPOINT_FILE}.123.tmp").write_bytes(b"half")
+    prepare_resume(tmp_path, up_to_round=2)
+    assert not list(tmp_path.rglob(".*.tmp"))
+    assert store.load(up_to_round=2)["ledger"]["round"] == 2
+    # A state file damaged at rest (not by a kill: those never reach the final name).
+    path = store.folder / "round-000002.state"
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(CheckpointError, match="round-000002.state.*checksum"):
+        prepare_resume(tmp_path, up_to_round=2)
+    prepare_resume(tmp_path, up_to_round=1)  # a resume that needs only round 1's state is fine

@@ -10,7 +10,7 @@ from fedpeft.apps import client_app as client_module
 from fedpeft.apps.server_app import ClientDiscoveryError, run_server
 from fedpeft.config import RunConfig
 from fedpeft.results import read_rounds
-from fedpeft.testing import DirectGrid
+from fedpeft.testing import DirectGrid, seeded_node_ids
 
 
 class Recording:
@@ -75,6 +75,24 @@ def test_same_seed_same_rounds_different_seed_differs(tiny_cfg, tmp_path):
     loss = [[r["train_loss"] for r in read_rounds(d)] for d in (a, b, c)]
     assert acc[0] == acc[1] and loss[0] == loss[1]
     assert loss[0] != loss[2]
+    # In process, the records agree to the byte, node ids included (they come from the seed).
+    untimed = [
+        [{k: v for k, v in r.items() if k != "wall_seconds"} for r in read_rounds(d)] for d in (a, b, c)
+    ]
+    assert untimed[0] == untimed[1]
+    ids = [{cl["node_id"] for cl in read_rounds(d)[1]["clients"]} for d in (a, c)]
+    assert ids[0] != ids[1]
+
+
+def test_in_process_node_ids_are_seeded_and_as_wide_as_flowers():
+    ids = seeded_node_ids(0, 1000)
+    assert ids == seeded_node_ids(0, 1000) and ids != seeded_node_ids(1, 1000)
+    assert len(set(ids)) == 1000 and all(1 < node < 2**64 for node in ids)
+    # Uniform 64-bit draws, as Flower's: about half need the 10-byte varint.
+    assert 400 < sum(node >= 2**63 for node in ids) < 600
+    grid = DirectGrid(client_module.app, 3, {"seed": 5})
+    assert list(grid.contexts) == seeded_node_ids(5, 3)
+    assert [grid.contexts[n].node_config["partition-id"] for n in grid.contexts] == [0, 1, 2]
 
 
 def test_client_sampling_is_seeded(tiny_cfg):
