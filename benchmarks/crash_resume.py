@@ -56,7 +56,7 @@ STATEFUL: dict[str, Any] = {
     "codec.downlink": "compeft",
     "dp.mode": "local",
     "dp.noise-multiplier": 0.8,
-    "dp.epsilon-budget": 30.0,
+    "dp.epsilon-budget": 7.0,
     "round-timeout": 60.0,
 }
 FAILURES = {

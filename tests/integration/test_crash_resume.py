@@ -28,7 +28,8 @@ EVERYTHING = {
     "codec.downlink": "compeft",
     "dp.mode": "local",
     "dp.noise-multiplier": 0.8,
-    "dp.epsilon-budget": 30.0,
+    "dp.epsilon-budget": 5.6,  # some clients sit out round 3 (which depends on partition size)
+    "data.partitioner": "dirichlet",
     "round-timeout": 60.0,
     "failures.raise-probability": 0.2,
     "failures.hang-probability": 0.15,
@@ -50,7 +51,8 @@ def test_killed_anywhere_and_resumed_equals_the_run_left_alone(tmp_path):
     assert code == 0, (tmp_path / "w.log").read_text()[-3000:]
     reference = read_rounds(whole)
     failed = {c["error"].split(":")[0] for r in reference for c in r["clients"] if not c["ok"]}
-    assert len(failed) >= 2, failed  # the seed draws injected raises and missed timeouts both
+    # The seed draws injected raises, missed timeouts and clients out of privacy budget.
+    assert {"error 0", "no reply before the round timeout", "sat out"} <= failed, failed
 
     run_dir = tmp_path / "killed"
     start, resume = _commands(sets | {"run-name": "killed"}, run_dir)
