@@ -229,9 +229,9 @@ class FailureConfig:
 
     # The client raises (an error reply).
     raise_probability: float = field(default=0.0, metadata=_range(0.0, 1.0))
-    # The client hangs past round-timeout before training (no reply in time).
+    # The client is stuck past round-timeout and does not train that round (no reply in time).
     hang_probability: float = field(default=0.0, metadata=_range(0.0, 1.0))
-    # The client trains, then drops out before replying (no reply in time).
+    # The client trains, then crashes before replying (no reply in time; its state as before).
     drop_probability: float = field(default=0.0, metadata=_range(0.0, 1.0))
 
     def active(self) -> bool:

@@ -5,9 +5,16 @@ With ``failures.*-probability`` set, every sampled client draws once per round -
 
 * **raise**: the ClientApp raises before training; Flower turns that into an error reply,
   recorded with its reason;
-* **hang**: the client stays away past ``round-timeout`` before training, so its reply
-  comes too late and the server records "no reply before the round timeout";
-* **drop**: the client trains, then drops out: its reply also never arrives in time.
+* **hang**: the client is stuck past ``round-timeout`` and never trains that round; its
+  (empty) reply comes too late and the server records "no reply before the round timeout";
+* **drop**: the client trains, then crashes before replying: its reply never arrives in
+  time, and nothing it did that round persists (its ``Context.state`` -- error-feedback
+  residual, privacy ledger -- is as before the round; the server never saw the update,
+  so neither is charged for it).
+
+Neither changes a client's state, which is what makes them reproducible on Flower's
+engine too: there the late call really runs on past the round, and a state change that
+landed after the server's checkpoint of that round would make a resumed run differ.
 
 The server aggregates what did arrive; with fewer than ``min-replies`` the round leaves
 the global model as it was.  Implemented as a Flower client mod, outside every other mod.
@@ -24,12 +31,13 @@ Crashes of the whole run (SIGKILL at chosen moments) are :mod:`fedpeft.crash`'s.
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedpeft.config import RunConfig
 from fedpeft.wire import CONFIG_KEY
@@ -72,9 +80,12 @@ def failure_mod(get_cfg: Callable[[Context], RunConfig]) -> Mod:
             raise InjectedFailure(f"injected failure: client raised in round {server_round}")
         if kind == "hang":
             stay_away(cfg.round_timeout + LATE_BY_SECONDS)
+            return Message(RecordDict(), reply_to=msg)  # too late to matter: never aggregated
+        before = copy.deepcopy(context.state) if kind == "drop" else None
         reply = call_next(msg, context)
-        if kind == "drop":
+        if before is not None:
             stay_away(cfg.round_timeout + LATE_BY_SECONDS)
+            context.state = before  # crashed before replying: this round's state is lost
         return reply
 
     return mod

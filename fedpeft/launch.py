@@ -292,15 +292,30 @@ def deliver_pending(state: Any, nodes_mapping: Mapping[int, int]) -> list[Any]:
     while discovery's 10,000 queries are in flight.  This is one pass over the stored
     messages instead, with the same checks (``_check_stored_messages``: TTL, federation) and
     the same result: each node's first undelivered message, marked delivered.
+
+    One difference, on purpose: a node whose last message is still being processed (no
+    reply stored yet) gets nothing new, as a real SuperNode pulls its next message only
+    after replying.  Flower's sweep hands it the next one at once, so a client that is
+    still busy when the server gives up on it (a hanging client past the round timeout)
+    would run two rounds at the same time on two copies of its Context, and the one that
+    finished last would overwrite the other's state: results would depend on timing.
     """
     from flwr.supercore.date import now
 
     store = state.message_ins_store
+    answered = state.message_ins_id_to_message_res_id
     with state.lock:
+        busy = {
+            msg.metadata.dst_node_id
+            for msg_id, msg in store.items()
+            if msg.metadata.delivered_at != "" and msg_id not in answered
+        }
         waiting = [
             msg_id
             for msg_id, msg in store.items()
-            if msg.metadata.delivered_at == "" and msg.metadata.dst_node_id in nodes_mapping
+            if msg.metadata.delivered_at == ""
+            and msg.metadata.dst_node_id in nodes_mapping
+            and msg.metadata.dst_node_id not in busy
         ]
         if not waiting:
             return []
@@ -329,7 +344,8 @@ def one_pass_delivery() -> Iterator[None]:
     original = vce_api.add_messages_to_queue
 
     def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: threading.Event) -> None:
-        if not (hasattr(state, "message_ins_store") and hasattr(state, "_check_stored_messages")):
+        needs = ("message_ins_store", "message_ins_id_to_message_res_id", "_check_stored_messages")
+        if not all(hasattr(state, name) for name in needs):
             original(state, queue, nodes_mapping, f_stop)
             return
         while not f_stop.is_set():

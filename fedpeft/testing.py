@@ -36,7 +36,11 @@ from fedpeft.runtime import derive_seed
 
 def seeded_node_ids(seed: int, count: int) -> list[int]:
     """``count`` distinct node ids of Flower's width (uint64, never 0 or the SuperLink's), from ``seed``."""
-    rng = random.Random(derive_seed(seed, "node-ids"))
+    return _seeded_uint64s(seed, "node-ids", count)
+
+
+def _seeded_uint64s(seed: int, label: str, count: int) -> list[int]:
+    rng = random.Random(derive_seed(seed, label))
     ids: list[int] = []
     while len(ids) < count:
         node = rng.getrandbits(8 * NODE_ID_NUM_BYTES)
@@ -57,15 +61,15 @@ class DirectGrid(Grid):
         node_ids: Sequence[int] | None = None,
         reply_timeout: float | None = None,
     ) -> None:
-        if TaskIdentity._run_id is None:  # Message() needs a run identity outside Flower's runtime
-            TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+        seed = int(run_config.get("seed", 0))
+        # Message() needs a run identity outside Flower's runtime. Every message carries the
+        # run and task ids as varints, and Flower draws both as random 64-bit numbers:
+        # ids of that width, from the seed, give messages of a Ray run's size.
+        TaskIdentity.run_id, TaskIdentity.task_id = _seeded_uint64s(seed, "run-and-task-id", 2)
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
         self.client_app = client_app
         # Node ids do not follow partition order, as in Flower's engine; partition i gets ids[i].
-        ids = (
-            list(node_ids)
-            if node_ids is not None
-            else seeded_node_ids(int(run_config.get("seed", 0)), num_nodes)
-        )
+        ids = list(node_ids) if node_ids is not None else seeded_node_ids(seed, num_nodes)
         if len(set(ids)) != num_nodes:
             raise ValueError(f"DirectGrid needs {num_nodes} distinct node ids, got {len(set(ids))}")
         self.contexts = {
@@ -80,7 +84,10 @@ class DirectGrid(Grid):
         }
         self._inbox: dict[str, Message] = {}
         self.fail_nodes: set[int] = set()  # nodes whose next messages get no reply
-        # A reply whose injected delays (simulated time) exceed this missed the round.
+        # A reply whose injected delays (simulated time) exceed this missed the round
+        # (default: the run config's round-timeout).
+        if reply_timeout is None and "round-timeout" in run_config:
+            reply_timeout = float(run_config["round-timeout"])
         self.reply_timeout = reply_timeout
 
     #: Every reply that will ever come is in the first pull (clients run inside it), so a
@@ -110,7 +117,7 @@ class DirectGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # as Flower's grid does
             self._inbox[msg.metadata.message_id] = msg
             ids.append(msg.metadata.message_id)
         return ids
@@ -131,6 +138,7 @@ class DirectGrid(Grid):
                     # Flower's engine keeps a node's Context only from calls that return, so
                     # what the failed call changed in place is undone (a resumed run agrees).
                     context.state = before
+            reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # as Flower's engine does
             if self.reply_timeout is None or clock.elapsed <= self.reply_timeout:
                 replies.append(reply)
         return replies

@@ -91,6 +91,28 @@ def test_bytes_are_recorded_per_client_both_ways(ray_run):
     assert all(c["bytes_up"] > 75_653 * 4 for c in r1["clients"])
 
 
+def test_the_in_process_engine_gives_the_same_run_and_bytes_up_to_flowers_random_ids(ray_run, tmp_path):
+    """Same seed, in process: the same records and adapter; each message's size equals the
+    Ray run's up to the varints of the four random 64-bit ids it carries (run, task, source
+    and destination node: 9 or 10 bytes each), payloads to the byte."""
+    from tests.conftest import TINY
+
+    run_dir = simulate(TINY | {"results-dir": str(tmp_path), "run-name": "inprocess"}, engine="inprocess")
+    ours, theirs = read_rounds(run_dir), read_rounds(ray_run[0])
+    assert _comparable(ours) == _comparable(theirs)
+    assert comparable(ours, message_bytes=False) == comparable(theirs, message_bytes=False)
+    gaps = [
+        (a[key] - b[key])
+        for r, q in zip(ours, theirs, strict=True)
+        for a, b in zip(r["clients"], q["clients"], strict=True)
+        for key in ("bytes_down", "bytes_up")
+    ]
+    assert gaps and all(abs(g) <= 4 for g in gaps), gaps
+    a = load_file(str(ray_run[0] / "adapter" / "exchanged.safetensors"))
+    b = load_file(str(run_dir / "adapter" / "exchanged.safetensors"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_nothing_listened_beyond_loopback(ray_run):
     watcher = ray_run[1]
     new = watcher.seen - watcher.before

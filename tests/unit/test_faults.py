@@ -72,3 +72,27 @@ def test_too_few_replies_leave_the_global_model_as_it_was(tiny_overrides):
 def test_impossible_failure_settings_are_named(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
         RunConfig.from_run_config(overrides)
+
+
+@pytest.mark.parametrize("kind", ["hang", "drop"])
+def test_a_hung_or_dropped_client_leaves_its_state_as_it_was(kind):
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from fedpeft.faults import failure_mod, simulated_time
+
+    cfg = RunConfig.from_run_config({f"failures.{kind}-probability": 1.0, "round-timeout": 30.0})
+    context = Context(1, 7, {"partition-id": 0, "num-partitions": 1}, RecordDict(), {})
+    context.state["ledger"] = ConfigRecord({"steps": 4})
+    trained = []
+
+    def train(msg, ctx):  # stands in for the codec mod and training: they change the state
+        trained.append(msg)
+        ctx.state["ledger"] = ConfigRecord({"steps": 8})
+        return Message(RecordDict(), reply_to=msg)
+
+    msg = Message(RecordDict({"config": ConfigRecord({"server-round": 3})}), 7, "train")
+    with simulated_time() as clock:
+        failure_mod(lambda _: cfg)(msg, context, train)
+    assert clock.elapsed > cfg.round_timeout  # late, in simulated time: nothing slept
+    assert len(trained) == (kind == "drop")  # a hung client never trains that round
+    assert context.state["ledger"]["steps"] == 4  # and neither keeps anything of it

@@ -113,7 +113,10 @@ def _linkstate_with_messages(num_nodes: int, dst_index: list[int]):
     return factory, mapping, nodes, ids
 
 
-def test_one_pass_delivery_hands_out_what_flowers_sweep_does():
+def test_one_pass_delivery_hands_out_what_flowers_sweep_does_one_message_per_node_at_a_time():
+    import uuid
+
+    from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.server.superlink.fleet.vce.vce_api import add_messages_to_queue
 
     from fedpeft.launch import deliver_pending
@@ -131,12 +134,18 @@ def test_one_pass_delivery_hands_out_what_flowers_sweep_does():
     def shape(sweeps, order):
         return [sorted((order.index(m.metadata.dst_node_id), m.content["c"]["i"]) for m in s) for s in sweeps]
 
-    assert (
-        shape(ours, nodes)
-        == shape(theirs, nodes2)
-        == [[(0, 0), (3, 1), (5, 3), (9, 4)], [(0, 5), (3, 2)], []]
-    )
-    assert all(m.metadata.delivered_at for s in ours for m in s)
+    # Flower hands node 0 and 3 their second message while the first is still running; we
+    # wait for each node's reply first (as a SuperNode does), then hand out the same ones.
+    assert shape(theirs, nodes2) == [[(0, 0), (3, 1), (5, 3), (9, 4)], [(0, 5), (3, 2)], []]
+    assert shape(ours, nodes) == [[(0, 0), (3, 1), (5, 3), (9, 4)], [], []]
+    state = factory.state()
+    for m in ours[0]:
+        reply = Message(RecordDict({"r": ConfigRecord({"i": 0})}), reply_to=m)
+        reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+        assert state.store_message_res(reply)
+    later = [deliver_pending(state, mapping) for _ in range(2)]
+    assert shape(later, nodes) == [[(0, 5), (3, 2)], []]
+    assert all(m.metadata.delivered_at for s in ours + later for m in s)
     assert add_messages_to_queue.__module__ == "flwr.server.superlink.fleet.vce.vce_api"
 
 
