@@ -205,7 +205,7 @@ def simulate(
     preflight(cfg)
     quiet_flower(ray.verbose)
     if engine == "inprocess":
-        _run_inprocess(cfg, final)
+        _run_inprocess(cfg, final, client_threads=max(1, int(ray.cpus_per_client)))
     else:
         _run_engine(cfg, final, ray_backend_config(cfg, ray), ray.verbose)
     from fedpeft.apps.server_app import run_dir_for
@@ -224,8 +224,12 @@ def quiet_flower(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _run_inprocess(cfg: RunConfig, overrides: dict[str, ConfigValue]) -> None:
-    """The ServerApp's round loop over an in-process grid of ``num-clients`` nodes."""
+def _run_inprocess(cfg: RunConfig, overrides: dict[str, ConfigValue], client_threads: int) -> None:
+    """The ServerApp's round loop over an in-process grid of ``num-clients`` nodes.
+
+    Clients run with as many torch threads as a Ray client actor gets CPUs, so both
+    engines compute the same numbers to the bit.
+    """
     from flwr.common.config import get_fused_config_from_dir
 
     from fedpeft.apps import client_app
@@ -233,7 +237,14 @@ def _run_inprocess(cfg: RunConfig, overrides: dict[str, ConfigValue]) -> None:
     from fedpeft.testing import DirectGrid
 
     fused = get_fused_config_from_dir(app_dir(), dict(overrides))
-    run_server(DirectGrid(client_app.app, cfg.num_clients, fused, reply_timeout=cfg.round_timeout), cfg)
+    grid = DirectGrid(
+        client_app.app,
+        cfg.num_clients,
+        fused,
+        reply_timeout=cfg.round_timeout,
+        client_threads=client_threads,
+    )
+    run_server(grid, cfg)
 
 
 def _run_engine(

@@ -16,11 +16,13 @@ crash agree to the byte:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
+import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
@@ -32,6 +34,20 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedpeft.config import ConfigValue
 from fedpeft.faults import simulated_time
 from fedpeft.runtime import derive_seed
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run the block with ``count`` torch threads (None: leave them), then restore."""
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def seeded_node_ids(seed: int, count: int) -> list[int]:
@@ -60,6 +76,7 @@ class DirectGrid(Grid):
         *,
         node_ids: Sequence[int] | None = None,
         reply_timeout: float | None = None,
+        client_threads: int | None = None,
     ) -> None:
         seed = int(run_config.get("seed", 0))
         # Message() needs a run identity outside Flower's runtime. Every message carries the
@@ -89,6 +106,10 @@ class DirectGrid(Grid):
         if reply_timeout is None and "round-timeout" in run_config:
             reply_timeout = float(run_config["round-timeout"])
         self.reply_timeout = reply_timeout
+        # Torch threads while a client runs (None: the process's). Flower's Ray engine gives
+        # each client actor OMP_NUM_THREADS = its CPUs, and a float sum over 1 thread can
+        # differ in the last bits from one over 2: the same count gives the same numbers.
+        self.client_threads = client_threads
 
     #: Every reply that will ever come is in the first pull (clients run inside it), so a
     #: caller need not wait out the round timeout for the missing ones.
@@ -130,7 +151,7 @@ class DirectGrid(Grid):
                 continue
             context = self.contexts[msg.metadata.dst_node_id]
             before = copy.deepcopy(context.state)
-            with simulated_time() as clock:
+            with simulated_time() as clock, torch_threads(self.client_threads):
                 try:
                     reply = self.client_app(msg, context)
                 except Exception as err:  # a crashing ClientApp becomes an error reply, as in Flower

@@ -57,14 +57,14 @@ def test_killed_anywhere_and_resumed_equals_the_run_left_alone(tmp_path):
     run_dir = tmp_path / "killed"
     start, resume = _commands(sets | {"run-name": "killed"}, run_dir)
     kills = [
-        Kill("client-state-write", 2),  # round 1: nothing checkpointed but round 0
+        Kill("client-state-write", 1),  # round 1: nothing checkpointed but round 0
         Kill("aggregate", 2),
         Kill("checkpoint-write", 2),
         *plan_kills(0, 1, 12.0, {}),  # a seeded random time
     ]
     attempts = drill(start, resume, run_dir, kills, log=tmp_path / "k.log", timeout=600)
     landed = [a.kill for a in attempts if a.killed]
-    assert landed[:3] == ["client-state-write:2", "aggregate:2", "checkpoint-write:2"], attempts
+    assert landed[:3] == ["client-state-write:1", "aggregate:2", "checkpoint-write:2"], attempts
     assert comparable(read_rounds(run_dir)) == comparable(reference)  # bytes, epsilons, failures too
     a = load_file(str(whole / "adapter" / "exchanged.safetensors"))
     b = load_file(str(run_dir / "adapter" / "exchanged.safetensors"))
