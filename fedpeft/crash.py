@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 CRASH_ENV = "FEDPEFT_CRASH_AT"  # "point:n[,point:n...]": crash the n-th time this process gets there
 CRASH_SIGNAL_ENV = "FEDPEFT_CRASH_SIGNAL"  # a file to create, then freeze until killed from outside
@@ -93,8 +93,9 @@ class Kill:
 
 
 def plan_kills(seed: int | str, count: int, duration: float, max_nth: Mapping[str, int]) -> list[Kill]:
-    """``count`` kills drawn from ``seed``: half at random times within ``duration`` seconds of a
-    process's start, half at crash points (uniform over ``max_nth``'s points and passes)."""
+    """``count`` kills drawn from ``seed``: half at random times within a run of ``duration``
+    active seconds (see :class:`Outcome`), half at crash points (uniform over ``max_nth``'s
+    points and passes)."""
     rng = random.Random(f"fedpeft-crash-{seed}")
     kills = []
     for i in range(count):
@@ -131,11 +132,23 @@ def kill_tree(pid: int) -> None:
     psutil.wait_procs(tree, timeout=60)
 
 
-def run_once(command: Sequence[str], kill: Kill | None, *, log: Path, timeout: float) -> tuple[bool, int]:
+class Outcome(NamedTuple):
+    """How one process of a drill ended."""
+
+    killed: bool  # False when it finished first (a crash point never reached, a late time)
+    code: int  # its exit code (-9 when killed)
+    active_seconds: float  # from its first line (imports and model load done) to its end
+
+
+#: What ``fedpeft run`` prints once its model is loaded: time kills count from there, so
+#: that start-up, which varies with the machine's load, does not decide where they land.
+START_LINE = b"fedpeft: "
+
+
+def run_once(command: Sequence[str], kill: Kill | None, *, log: Path, timeout: float) -> Outcome:
     """Run ``command``; with ``kill``, SIGKILL its whole tree at that moment.
 
-    Returns (killed, exit code): ``killed`` is False when the process finished first
-    (a crash point never reached, or a time after the run's end).
+    A time kill counts its seconds from the process's first ``fedpeft:`` line.
     """
     env = dict(os.environ)
     env.pop(CRASH_ENV, None)
@@ -143,24 +156,42 @@ def run_once(command: Sequence[str], kill: Kill | None, *, log: Path, timeout: f
     flag.unlink(missing_ok=True)
     if kill is not None and kill.point:
         env |= {CRASH_ENV: f"{kill.point}:{kill.nth}", CRASH_SIGNAL_ENV: str(flag)}
+    offset = log.stat().st_size if log.is_file() else 0
     started = time.monotonic()
-    with log.open("a") as out:
+    active: float | None = None  # when the start line appeared
+    with log.open("ab") as out:
         proc = subprocess.Popen(list(command), env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             while proc.poll() is None:
-                elapsed = time.monotonic() - started
-                if kill is not None and (flag.is_file() if kill.point else elapsed >= kill.seconds):
+                now = time.monotonic()
+                if active is None and _printed(log, offset, START_LINE):
+                    active = now
+                if kill is None:
+                    due = False
+                elif kill.point:
+                    due = flag.is_file()
+                else:
+                    due = active is not None and now - active >= kill.seconds
+                if due:
                     kill_tree(proc.pid)
                     proc.wait()
-                    return True, -9
-                if elapsed > timeout:
+                    return Outcome(True, -9, now - (active or now))
+                if now - started > timeout:
                     kill_tree(proc.pid)
                     raise TimeoutError(f"{' '.join(command)} ran past {timeout:.0f} s (log: {log})")
                 time.sleep(0.02)
         except BaseException:
             kill_tree(proc.pid)
             raise
-    return False, proc.returncode
+    end = time.monotonic()
+    return Outcome(False, proc.returncode, end - (active or end))
+
+
+def _printed(log: Path, offset: int, needle: bytes) -> bool:
+    with log.open("rb") as fh:
+        fh.seek(offset)
+        text = fh.read()
+    return text.startswith(needle) or b"\n" + needle in text
 
 
 def drill(
@@ -183,7 +214,7 @@ def drill(
     for kill in [*kills, None]:
         resumable = (run_dir / CHECKPOINT_FILE).is_file()
         t0 = time.monotonic()
-        killed, code = run_once(resume if resumable else start, kill, log=log, timeout=timeout)
+        killed, code, _ = run_once(resume if resumable else start, kill, log=log, timeout=timeout)
         attempts.append(
             Attempt("resume" if resumable else "start", str(kill or ""), killed, time.monotonic() - t0)
         )

@@ -45,7 +45,7 @@ def _commands(sets, run_dir):
 def test_killed_anywhere_and_resumed_equals_the_run_left_alone(tmp_path):
     sets = TINY | EVERYTHING | {"results-dir": str(tmp_path)}
     whole = tmp_path / "whole"
-    _, code = run_once(
+    _, code, seconds = run_once(
         _commands(sets | {"run-name": "whole"}, whole)[0], None, log=tmp_path / "w.log", timeout=600
     )
     assert code == 0, (tmp_path / "w.log").read_text()[-3000:]
@@ -60,7 +60,7 @@ def test_killed_anywhere_and_resumed_equals_the_run_left_alone(tmp_path):
         Kill("client-state-write", 1),  # round 1: nothing checkpointed but round 0
         Kill("aggregate", 2),
         Kill("checkpoint-write", 2),
-        *plan_kills(0, 1, 12.0, {}),  # a seeded random time
+        *plan_kills(0, 1, seconds, {}),  # a seeded random time within the run
     ]
     attempts = drill(start, resume, run_dir, kills, log=tmp_path / "k.log", timeout=600)
     landed = [a.kill for a in attempts if a.killed]

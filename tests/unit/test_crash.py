@@ -1,6 +1,7 @@
 """Crash points and the kill-and-resume drill's machinery (fedpeft.crash), on tiny processes."""
 
 import sys
+import time
 
 import pytest
 
@@ -16,12 +17,12 @@ def _passes(times: int) -> list[str]:
 
 def test_a_named_crash_point_freezes_the_process_until_the_drill_kills_it(tmp_path):
     log = tmp_path / "log"
-    assert run_once(_passes(3), Kill("record", 2), log=log, timeout=60) == (True, -9)
+    assert run_once(_passes(3), Kill("record", 2), log=log, timeout=60)[:2] == (True, -9)
     assert "end" not in log.read_text()
     assert log.with_suffix(".crashed").read_text().startswith("record:2")
     # A pass that never comes: the process runs to its end, nothing is killed.
-    assert run_once(_passes(3), Kill("record", 4), log=log, timeout=60) == (False, 0)
-    assert run_once(_passes(1), None, log=log, timeout=60) == (False, 0)  # no plan: a no-op
+    assert run_once(_passes(3), Kill("record", 4), log=log, timeout=60)[:2] == (False, 0)
+    assert run_once(_passes(1), None, log=log, timeout=60)[:2] == (False, 0)  # no plan: a no-op
     assert log.read_text().count("end") == 2
 
 
@@ -58,3 +59,13 @@ def test_comparable_keeps_bytes_only_where_node_ids_are_seeded():
     assert comparable(rounds, message_bytes=False) == [
         {"round": 1, "clients": [{"partition_id": 0, "payload_up": 8}]}
     ]
+
+
+def test_a_time_kill_counts_from_the_runs_first_line(tmp_path):
+    slow_start = "import time; time.sleep(1.5); print('fedpeft: ready', flush=True); time.sleep(30)"
+    t0 = time.monotonic()
+    outcome = run_once(
+        [sys.executable, "-c", slow_start], Kill(seconds=0.5), log=tmp_path / "log", timeout=60
+    )
+    assert outcome.killed and time.monotonic() - t0 >= 2.0  # 1.5 s of start-up, then 0.5 s
+    assert 0.5 <= outcome.active_seconds < 5
