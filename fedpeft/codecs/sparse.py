@@ -63,7 +63,8 @@ def scales_for(
     seg = segment_of(indices, offsets)
     if not per_tensor:
         if scale == "std":
-            value = alpha * float(np.std(x)) if x.size else 0.0
+            # In float64, as per tensor: a float32 variance of tiny updates underflows to 0.
+            value = alpha * float(np.std(x, dtype=np.float64)) if x.size else 0.0
         else:
             value = float(np.mean(np.abs(x[indices]))) if indices.size else 0.0
         return np.asarray([value], dtype=np.float32)
