@@ -81,6 +81,7 @@ def test_a_hung_or_dropped_client_leaves_its_state_as_it_was(kind):
     from fedpeft.faults import failure_mod, simulated_time
 
     cfg = RunConfig.from_run_config({f"failures.{kind}-probability": 1.0, "round-timeout": 30.0})
+    DirectGrid(client_app.app, 1, cfg.to_run_config())  # gives Message() a run identity, as in a run
     context = Context(1, 7, {"partition-id": 0, "num-partitions": 1}, RecordDict(), {})
     context.state["ledger"] = ConfigRecord({"steps": 4})
     trained = []
