@@ -13,6 +13,7 @@ partition, so float sums in aggregation happen in the same order in every run.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -98,7 +99,7 @@ class MeteredGrid(Grid):
                 continue
             ex.replied, ex.bytes_up, ex.payload_up = True, size, payload_size(reply)
             if reply.has_error():
-                ex.error = f"error {reply.error.code}: {reply.error.reason}"
+                ex.error = describe_error(reply.error.code, reply.error.reason or "")
             else:
                 ex.metrics = _scalar_metrics(reply)
             self._done.append(ex)
@@ -131,6 +132,26 @@ class MeteredGrid(Grid):
         """All finished exchanges since the last call, in node order."""
         done, self._done = self._done, []
         return sorted(done, key=lambda ex: self.node_order(ex.node_id))
+
+
+_FLOWER_REASON = re.compile(r"^<class '(?P<cls>[^']+)'>:<'(?P<text>.*)'>$", re.S)
+# Ray wraps the ClientApp's exception in its own; the original is the line before this.
+_CAUSE = re.compile(r"\n(?P<cls>[\w.]+): (?P<text>[^\n]*)\n\nThe above exception was the direct cause")
+
+
+def describe_error(code: int, reason: str) -> str:
+    """``error CODE: Class: message`` for a Flower error reply, the same on every engine.
+
+    Flower writes a ClientApp's exception as ``<class '...'>:<'...'>``; on Ray the text is
+    Ray's own exception with a traceback, a process id and an actor id, which change from
+    run to run.  The record keeps the ClientApp's exception class and message only.
+    """
+    match = _FLOWER_REASON.match(reason.strip())
+    if match:
+        cause = _CAUSE.search(match["text"])
+        cls, text = (cause["cls"], cause["text"]) if cause else (match["cls"], match["text"])
+        reason = f"{cls.rsplit('.', 1)[-1]}: {text}"
+    return f"error {code}: {reason}"
 
 
 def _scalar_metrics(reply: Message) -> dict[str, float]:

@@ -26,7 +26,7 @@ import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
-from flwr.common.constant import NODE_ID_NUM_BYTES, SUPERLINK_NODE_ID
+from flwr.common.constant import NODE_ID_NUM_BYTES, SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -155,7 +155,9 @@ class DirectGrid(Grid):
                 try:
                     reply = self.client_app(msg, context)
                 except Exception as err:  # a crashing ClientApp becomes an error reply, as in Flower
-                    reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+                    # Flower's code and wording for a ClientApp that raised.
+                    reason = f"{type(err)}:<'{err}'>"
+                    reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
                     # Flower's engine keeps a node's Context only from calls that return, so
                     # what the failed call changed in place is undone (a resumed run agrees).
                     context.state = before

@@ -52,7 +52,7 @@ def test_killed_anywhere_and_resumed_equals_the_run_left_alone(tmp_path):
     reference = read_rounds(whole)
     failed = {c["error"].split(":")[0] for r in reference for c in r["clients"] if not c["ok"]}
     # The seed draws injected raises, missed timeouts and clients out of privacy budget.
-    assert {"error 0", "no reply before the round timeout", "sat out"} <= failed, failed
+    assert {"error 2", "no reply before the round timeout", "sat out"} <= failed, failed
 
     run_dir = tmp_path / "killed"
     start, resume = _commands(sets | {"run-name": "killed"}, run_dir)
