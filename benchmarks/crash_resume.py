@@ -143,8 +143,9 @@ def main() -> None:
                     "aggregate": rounds,
                     "record": 3 * (rounds + 1),
                     "checkpoint-write": rounds + 1,
-                    "client-state-write": rounds * clients // 2,
                 }
+                if setting == "stateful":  # dense FedAvg keeps no client state: nothing to write
+                    max_nth["client-state-write"] = rounds * clients // 2
                 for d in range(args.drills):
                     name = f"{engine}-{setting}-drill{d}"
                     run_dir = root / name

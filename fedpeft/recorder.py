@@ -87,7 +87,9 @@ class RoundRecorder:
         exchanges = self.grid.drain()
         clients = [self._client_record(ex, rejected.pop(ex.node_id, None)) for ex in exchanges]
         # Clients held back before any message was sent (e.g. an exhausted privacy budget).
-        clients += [self._held_back(node, reason) for node, reason in sorted(rejected.items())]
+        # In partition order: node ids are random on Flower's engines.
+        held = sorted(rejected.items(), key=lambda item: (self.partition_of.get(item[0], -1), item[0]))
+        clients += [self._held_back(node, reason) for node, reason in held]
         now = time.perf_counter()
         record = RoundRecord(
             round=server_round,
