@@ -1,4 +1,4 @@
-"""Long fuzz run of the payload decoder: random and mutated payloads, both position coders.
+"""Long fuzz run of every registered codec's decoder: random and mutated payloads.
 
 Every input must either decode to finite tensors or raise PayloadError with a known
 reason; anything else (another exception, a hang) is a bug.  The test suite runs a fast
@@ -17,9 +17,10 @@ import zlib
 import numpy as np
 
 from benchmarks._common import write
-from fedpeft.codecs import CompeftCodec, PayloadError, Template
+from fedpeft.codecs import CODECS, PayloadError, Template, build_codec
 from fedpeft.codecs.bitstream import CRC
-from fedpeft.config import CodecConfig
+from fedpeft.codecs.compeft import CompeftSettings
+from fedpeft.codecs.topk import TopkSettings
 
 
 def main() -> None:
@@ -33,11 +34,11 @@ def main() -> None:
         "b": rng.normal(size=(5,)).astype(np.float32),
     }
     template = Template.of(update)
-    codecs = [
-        CompeftCodec(CodecConfig(name="compeft", density=d, positions=p, values=v))
+    codecs = [build_codec(name, 0.2, {}) for name in CODECS] + [
+        build_codec(name, d, {"compeft": CompeftSettings(positions=p), "topk": TopkSettings(positions=p)})
+        for name in ("compeft", "topk")
         for d in (0.01, 0.2)
         for p in ("ans", "rice")
-        for v in ("ternary", "fp16")
     ]
     goods = [(c, c.encode(update)[0]) for c in codecs]
     outcomes: collections.Counter[str] = collections.Counter()
@@ -61,16 +62,16 @@ def main() -> None:
         try:
             out = codec.decode(data, template)
             assert all(np.isfinite(v).all() for v in out.values())
-            outcomes["decoded"] += 1
+            outcomes[f"{codec.name}:decoded"] += 1
         except PayloadError as err:
-            outcomes[f"rejected:{err.reason}"] += 1
+            outcomes[f"{codec.name}:rejected:{err.reason}"] += 1
         slowest = max(slowest, time.perf_counter() - t)
     total = time.perf_counter() - t0
     print(
         f"{args.cases:,} cases in {total:.1f} s ({args.cases / total:,.0f}/s); slowest decode {slowest * 1e3:.2f} ms"
     )
     for key, count in sorted(outcomes.items()):
-        print(f"  {key:24s} {count:,}")
+        print(f"  {key:32s} {count:,}")
     write(
         "fuzz_decoder",
         {"cases": args.cases, "seconds": total, "slowest_decode_s": slowest, "outcomes": dict(outcomes)},

@@ -39,6 +39,10 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
     return {"min": lo, "max": hi, "lo_open": lo_open}
 
 
+choices = _choices  # for settings dataclasses outside this module (codecs)
+value_range = _range
+
+
 def did_you_mean(word: str, options: typing.Iterable[str]) -> str:
     """A short ``did you mean 'x'?`` hint, or an empty string."""
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
@@ -146,6 +150,10 @@ class DataConfig:
     max_examples: int = field(default=0, metadata=_range(0))
     test_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9, lo_open=True))
     max_test_examples: int = field(default=0, metadata=_range(0))
+    # Examples cut from the server's held-out split as its validation set, for what the
+    # server tunes (codec.alpha-search); the test set is the rest.  0 = 20% of the held-out
+    # split when the server tunes something, else none (every example is a test example).
+    validation_examples: int = field(default=0, metadata=_range(0))
     partitioner: str = field(
         default="dirichlet", metadata=_choices("iid", "dirichlet", "pathological", "shard")
     )
@@ -170,29 +178,89 @@ class TrainConfig:
     eval_batch_size: int = field(default=64, metadata=_range(1))
 
 
+def _codec_names() -> tuple[str, ...]:
+    from fedpeft.codecs.registry import CODECS  # the registry imports this module
+
+    return tuple(CODECS)
+
+
+def _downlink_names() -> tuple[str, ...]:
+    return ("same", *_codec_names())
+
+
+def _codec_defaults() -> tuple[tuple[str, Any], ...]:
+    from fedpeft.codecs.registry import settings_classes
+
+    return tuple((name, cls()) for name, cls in settings_classes().items())
+
+
 @dataclass(frozen=True)
 class CodecConfig:
-    """Compression of updates in transit (ComPEFT, Yadav et al. 2023); see ``fedpeft.codecs``."""
+    """How updates travel (``fedpeft.codecs``): a registered codec each way, error feedback,
+    and each codec's own settings (``codec.<name>.<key>``, in :attr:`options`)."""
 
-    # "none": dense float32 both ways (the foundation path); "compeft": sparse ternary bit streams.
-    name: str = field(default="none", metadata=_choices("none", "compeft"))
-    # Fraction of entries kept: k = round(density * n).
-    density: float = field(default=0.1, metadata=_range(0.0, 1.0, lo_open=True))
-    # Top-k within each tensor, or over all exchanged tensors at once.
-    scope: str = field(default="tensor", metadata=_choices("tensor", "global"))
-    # "ternary": sign * scale per kept entry; "fp16": keep magnitudes as fp16 (sparsify only).
-    values: str = field(default="ternary", metadata=_choices("ternary", "fp16"))
-    # "mean": mean |kept| (STC, needs no tuning); "std": alpha * std(update) (ComPEFT).
-    scale: str = field(default="mean", metadata=_choices("mean", "std"))
-    alpha: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
-    # One scale per tensor, or one for the whole update.
-    scale_per: str = field(default="tensor", metadata=_choices("tensor", "global"))
-    # Entropy coder of the kept positions: "ans" (constriction) or "rice" (Golomb-Rice gaps).
-    positions: str = field(default="ans", metadata=_choices("ans", "rice"))
+    # Client -> server: a registered codec ("none" = dense float32, Flower's own arrays).
+    name: str = field(default="none", metadata={"registry": _codec_names})
+    # Fraction of entries a sparsifying codec keeps: k = round(density * n).
+    density: float = field(default=0.05, metadata=_range(0.0, 1.0, lo_open=True))
     # Keep what compression lost on each client and add it to its next update.
     error_feedback: bool = True
-    # Server -> client: dense "fp32", "fp16", or "compeft" on the global update.
-    downlink: str = field(default="fp32", metadata=_choices("fp32", "fp16", "compeft"))
+    # Server -> client: a registered codec applied to the change of the global model, or
+    # "same" (the uplink's codec: "none" stays dense, "compeft" codes both ways).
+    downlink: str = field(default="same", metadata={"registry": _downlink_names})
+    # Density of the downlink codec (0 = the uplink's).
+    downlink_density: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    # The server keeps what its downlink lost and sends it later (else it is dropped).
+    downlink_error_feedback: bool = True
+    # Denser early rounds: the density falls linearly from warmup-density to density over
+    # warmup-rounds rounds (0 = constant density).
+    warmup_rounds: int = field(default=0, metadata=_range(0))
+    warmup_density: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
+    # Tensors with at most this many entries (a classification head, biases) travel through
+    # small-codec instead (0 = every tensor through the codec).
+    small_tensors: int = field(default=0, metadata=_range(0))
+    small_codec: str = field(default="fp16", metadata={"registry": _codec_names})
+    # ComPEFT's alpha, tuned as the paper does on validation data: with a lossy uplink codec,
+    # each round the server scales the aggregated update by every candidate and keeps the
+    # one with the lowest loss on its validation split (data.validation-examples); recorded
+    # per round as codec_alpha.  "" = no search (alpha 1).
+    alpha_search: tuple[str, ...] = ("1", "2", "4", "8")
+    # Each codec's own settings, name -> frozen dataclass (codec.<name>.<key> run-config keys).
+    options: tuple[tuple[str, Any], ...] = field(default_factory=_codec_defaults)
+
+    def settings(self) -> dict[str, Any]:
+        """Codec name -> its settings object."""
+        return dict(self.options)
+
+    def density_at(self, server_round: int, downlink: bool = False) -> float:
+        """The density of round ``server_round`` (1-based) under the warm-up schedule."""
+        final = self.downlink_density if downlink and self.downlink_density > 0 else self.density
+        if self.warmup_rounds <= 0 or server_round > self.warmup_rounds:
+            return final
+        frac = (server_round - 1) / self.warmup_rounds
+        return max(final, self.warmup_density + frac * (final - self.warmup_density))
+
+    def alpha_candidates(self) -> tuple[float, ...]:
+        """The step scales of codec.alpha-search, as numbers (empty: no search)."""
+        try:
+            values = tuple(float(v) for v in self.alpha_search)
+        except ValueError:
+            raise ConfigError(
+                f"config key 'codec.alpha-search': cannot read {','.join(self.alpha_search)!r}; "
+                "give positive numbers, comma-separated ('1,2,4,8')"
+            ) from None
+        if any(not (v > 0 and math.isfinite(v)) for v in values):
+            raise ConfigError("config key 'codec.alpha-search': every candidate must be a positive number")
+        return values
+
+    def active(self) -> bool:
+        """Whether anything differs from dense float32 both ways."""
+        return self.name != "none" or self.downlink_codec != "none"
+
+    @property
+    def downlink_codec(self) -> str:
+        """The downlink's registered codec (``same`` resolved)."""
+        return self.name if self.downlink == "same" else self.downlink
 
 
 @dataclass(frozen=True)
@@ -317,7 +385,7 @@ class RunConfig:
     adapter: AdapterConfig = AdapterConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
-    codec: CodecConfig = CodecConfig()
+    codec: CodecConfig = field(default_factory=CodecConfig)  # its default reads the codec registry
     dp: DPConfig = DPConfig()
     strategy: StrategyConfig = StrategyConfig()
     failures: FailureConfig = FailureConfig()
@@ -332,6 +400,7 @@ class RunConfig:
         """
         schema = config_schema()
         sections: dict[str, dict[str, Any]] = {}
+        nested: dict[str, dict[str, Any]] = {}
         top: dict[str, Any] = {}
         for key, value in raw.items():
             if key not in schema:
@@ -343,8 +412,15 @@ class RunConfig:
             converted = _convert(key, fld, value)
             if owner is cls:
                 top[fld.name] = converted
+            elif key.count(".") == 2:  # codec.<name>.<key>: that codec's own section
+                nested.setdefault(key.split(".")[1], {})[fld.name] = converted
             else:
                 sections.setdefault(_section_of(owner), {})[fld.name] = converted
+        if nested:
+            options = dict(CodecConfig().options)
+            for name, values in nested.items():
+                options[name] = dataclasses.replace(options[name], **values)
+            sections.setdefault("codec", {})[NESTED_FIELD] = tuple(options.items())
         # FFA-LoRA is LoRA with A frozen: the strategy name implies it (a ``false`` from the
         # pyproject defaults cannot be told apart from one a user wrote, so it does not veto).
         if sections.get("strategy", {}).get("name") == "ffa-lora":
@@ -373,6 +449,7 @@ class RunConfig:
             )
         parse_ranks(self.lora.ranks)  # raises on a malformed list or distribution
         parse_kwargs(self.strategy.kwargs)
+        self.codec.alpha_candidates()  # raises on a malformed list
         if self.peft.method != "lora" and (self.lora.ranks or self.lora.freeze_a):
             raise ConfigError(
                 f"config keys 'lora.ranks' / 'lora.freeze-a' (or strategy 'ffa-lora') need "
@@ -383,6 +460,10 @@ class RunConfig:
             raise ConfigError(
                 f"config key 'device': unknown value {dev!r} (valid: auto, cpu, cuda, cuda:N, mps)"
             )
+
+    def server_tunes(self) -> bool:
+        """Whether the server tunes anything on a validation split (the codec's alpha)."""
+        return self.codec.name != "none" and bool(self.codec.alpha_search)
 
     def for_partition(self, partition_id: int) -> RunConfig:
         """This config as client ``partition_id`` builds its model (its own LoRA rank)."""
@@ -409,8 +490,12 @@ class RunConfig:
     def to_run_config(self) -> dict[str, ConfigValue]:
         """The flat Flower run config that rebuilds this object (round trip)."""
         out: dict[str, ConfigValue] = {}
+        codec_options = self.codec.settings()
         for key, (owner, fld) in config_schema().items():
-            obj: Any = self if owner is RunConfig else getattr(self, _section_of(owner))
+            if key.count(".") == 2:
+                obj: Any = codec_options[key.split(".")[1]]
+            else:
+                obj = self if owner is RunConfig else getattr(self, _section_of(owner))
             value = getattr(obj, fld.name)
             out[key] = ",".join(value) if isinstance(value, tuple) else value
         return out
@@ -481,8 +566,22 @@ def config_schema() -> dict[str, tuple[type, dataclasses.Field[Any]]]:
             schema[_key(f.name)] = (RunConfig, f)
     for section, owner in _SECTIONS.items():
         for f in dataclasses.fields(owner):
-            schema[f"{section}.{_key(f.name)}"] = (owner, f)
+            if f.name != NESTED_FIELD:
+                schema[f"{section}.{_key(f.name)}"] = (owner, f)
+    for name, owner in _nested_sections().items():
+        for f in dataclasses.fields(owner):
+            schema[f"codec.{name}.{_key(f.name)}"] = (owner, f)
     return schema
+
+
+NESTED_FIELD = "options"  # CodecConfig.options: one settings section per registered codec
+
+
+def _nested_sections() -> dict[str, type]:
+    """Registered codec name -> its settings dataclass (keys ``codec.<name>.<key>``)."""
+    from fedpeft.codecs.registry import settings_classes
+
+    return settings_classes()
 
 
 def _convert(key: str, fld: dataclasses.Field[Any], value: object) -> Any:
@@ -508,6 +607,8 @@ def _convert(key: str, fld: dataclasses.Field[Any], value: object) -> Any:
     meta = fld.metadata
     if "choices" in meta and value not in meta["choices"]:
         raise unknown_choice(key, value, meta["choices"])
+    if "registry" in meta and value not in meta["registry"]():
+        raise unknown_choice(key, value, meta["registry"]())
     lo, hi = meta.get("min"), meta.get("max")
     assert isinstance(value, (int, float, str))
     if (

@@ -38,6 +38,9 @@ class Exchange:
     replied: bool = False
     error: str = ""  # Flower error reason, or "no reply" when nothing came back
     metrics: dict[str, float] = field(default_factory=dict)
+    # The reply until the round is drained: wrappers may add server-side figures to its
+    # metrics (the codec's sizes, read from the payload), which cost nothing on the wire.
+    reply: Message | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -101,7 +104,7 @@ class MeteredGrid(Grid):
             if reply.has_error():
                 ex.error = describe_error(reply.error.code, reply.error.reason or "")
             else:
-                ex.metrics = _scalar_metrics(reply)
+                ex.reply = reply
             self._done.append(ex)
         return replies
 
@@ -131,6 +134,9 @@ class MeteredGrid(Grid):
     def drain(self) -> list[Exchange]:
         """All finished exchanges since the last call, in node order."""
         done, self._done = self._done, []
+        for ex in done:
+            if ex.reply is not None:
+                ex.metrics, ex.reply = _scalar_metrics(ex.reply), None
         return sorted(done, key=lambda ex: self.node_order(ex.node_id))
 
 

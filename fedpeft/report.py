@@ -12,7 +12,8 @@ the uplink compression ratio (dense float32 update / coded payload, from the cod
 per-client figures; 1 when no codec ran), the largest epsilon spent (local DP-SGD, or the
 central mechanism's), and wall time.  Writes ``report.md``, ``report.csv`` (one row per
 group), ``runs.csv`` (one row per run), ``accuracy_vs_rounds.png`` and
-``accuracy_vs_bytes.png`` (cumulative bytes up+down, log scale).
+``accuracy_vs_bytes.png`` (cumulative bytes up+down, log scale) and ``frontier.png``
+(final accuracy against total bytes up+down per group: mean, and min-max over seeds).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class RunSummary:
     bytes_up: int
     bytes_down: int
     bytes_to_target: int | None  # cumulative bytes up + down at that round
+    up_per_client_round: float  # mean uplink bytes of one client's reply in one trained round
     compression_ratio: float  # uplink: dense float32 update bytes / coded bytes
     max_epsilon: float | None
     wall_seconds: float
@@ -66,6 +68,7 @@ COLUMNS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("bytes_up", "bytes up", lambda x: human_bytes(round(x))),
     ("bytes_down", "bytes down", lambda x: human_bytes(round(x))),
     ("bytes_to_target", "bytes to target", lambda x: human_bytes(round(x))),
+    ("up_per_client_round", "up per client-round", lambda x: human_bytes(round(x))),
     ("compression_ratio", "compression", lambda x: f"{x:.1f}x"),
     ("max_epsilon", "max epsilon", lambda x: f"{x:.2f}"),
     ("wall_seconds", "wall", lambda x: f"{x:.0f} s"),
@@ -101,6 +104,7 @@ def summarize(run_dir: Path, target: float = DEFAULT_TARGET) -> RunSummary:
             if c.get("ok") and "codec-raw-bytes" in m:
                 raw += m["codec-raw-bytes"]
                 encoded += m["codec-encoded-bytes"]
+    replies = [c["bytes_up"] for r in rounds if r["round"] > 0 for c in r.get("clients", []) if c.get("ok")]
     eps = [e for r in rounds for e in (r.get("max_epsilon"), r.get("central_epsilon")) if e is not None]
     last = rounds[-1]
     return RunSummary(
@@ -113,6 +117,7 @@ def summarize(run_dir: Path, target: float = DEFAULT_TARGET) -> RunSummary:
         bytes_up=int(last["cum_bytes_up"]),
         bytes_down=int(last["cum_bytes_down"]),
         bytes_to_target=int(hit["cum_bytes_up"] + hit["cum_bytes_down"]) if hit else None,
+        up_per_client_round=statistics.fmean(replies) if replies else math.nan,
         compression_ratio=raw / encoded if encoded else 1.0,
         max_epsilon=max(eps) if eps else None,
         wall_seconds=float(sum(r.get("wall_seconds", 0.0) for r in rounds)),
@@ -196,12 +201,14 @@ def make_report(
         "runs_csv": out_dir / "runs.csv",
         "accuracy_vs_rounds": out_dir / "accuracy_vs_rounds.png",
         "accuracy_vs_bytes": out_dir / "accuracy_vs_bytes.png",
+        "frontier": out_dir / "frontier.png",
     }
     files["markdown"].write_text(markdown + "\n")
     _write_group_csv(files["csv"], groups)
     _write_runs_csv(files["runs_csv"], runs)
     plot_curves(groups, files["accuracy_vs_rounds"], x="round")
     plot_curves(groups, files["accuracy_vs_bytes"], x="bytes")
+    plot_frontier(groups, files["frontier"])
     return Report(groups, target, files, markdown)
 
 
@@ -294,6 +301,38 @@ def plot_curves(groups: Sequence[Group], path: Path, *, x: str) -> Path:
     else:
         ax.set_xlabel("round")
     ax.set_ylabel("global test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_frontier(groups: Sequence[Group], path: Path) -> Path:
+    """Final accuracy against total bytes up+down, one point per group (bars: min-max over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for g in groups:
+        total = [r.bytes_up + r.bytes_down for r in g.runs]
+        acc = [r.final_accuracy for r in g.runs]
+        x, y = statistics.fmean(total), statistics.fmean(acc)
+        ax.errorbar(
+            x,
+            y,
+            xerr=[[x - min(total)], [max(total) - x]],
+            yerr=[[y - min(acc)], [max(acc) - y]],
+            marker="o",
+            capsize=3,
+            label=f"{g.label} (n={len(g.runs)})",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("total bytes on the wire (up + down)")
+    ax.set_ylabel("final global test accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

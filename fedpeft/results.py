@@ -96,6 +96,7 @@ ROUNDS_CSV_COLUMNS: tuple[str, ...] = (
     "wall_seconds",
     "max_epsilon",
     "central_epsilon",
+    "codec_alpha",
 )
 
 
@@ -146,6 +147,8 @@ class RoundRecord:
     max_epsilon: float | None = None
     epsilon_by_partition: dict[str, float] = field(default_factory=dict)
     central_epsilon: float | None = None
+    # The step scale the server chose on its validation split (codec.alpha-search), or None.
+    codec_alpha: float | None = None
 
     @property
     def bytes_up(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
@@ -90,7 +91,16 @@ def describe(msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
 
-codec_mod = codec_client_mod(lambda context: _config(frozenset(context.run_config.items())).codec)
+def _initial_state(context: Context) -> dict[str, np.ndarray]:
+    """The exchanged tensors as this node builds them from the run seed (the codec's round 1)."""
+    cfg = _config(frozenset(context.run_config.items()))
+    pid = int(context.node_config["partition-id"])
+    return get_model(cfg.for_partition(pid), task.num_labels(cfg)).initial_state
+
+
+codec_mod = codec_client_mod(
+    lambda context: _config(frozenset(context.run_config.items())).codec, _initial_state
+)
 
 
 def central_clipping_mod(

@@ -28,6 +28,7 @@ from fedpeft.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from fedpeft.codecs.alpha import AlphaSearch
 from fedpeft.codecs.flower import CompressedTransport, is_active
 from fedpeft.config import ConfigError, RunConfig
 from fedpeft.data import partition_stats
@@ -43,6 +44,7 @@ from fedpeft.runtime import quiet_libraries, seed_everything
 from fedpeft.training import evaluate
 from fedpeft.wire import METRICS_KEY, from_record, to_record
 from strategies import build_strategy
+from strategies.wrapper import wrapper_chain
 
 app = ServerApp()
 log = logging.getLogger("fedpeft")
@@ -119,6 +121,10 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
             server_round, from_record(arrays), {"server": state}, dict(partition_of), rng_state()
         ).save(run_dir)
 
+    for layer in wrapper_chain(state.strategy):
+        if isinstance(layer, AlphaSearch):  # its scorer holds the model: bound on every start
+            layer.bind(validation_scorer(model, cfg))
+
     recorder = RoundRecorder(
         metered,
         writer,
@@ -127,7 +133,9 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
         num_rounds=cfg.num_rounds,
         partition_of=partition_of,
         rejections=state.rejections,
-        privacy=privacy_figures(cfg, state.budget, partition_of),
+        privacy=round_figures(
+            privacy_figures(cfg, state.budget, partition_of), alpha_figures(state.strategy)
+        ),
         after_round=checkpoint,
         offset=done,
         resumed=ckpt is not None,
@@ -203,7 +211,7 @@ def strategy_stack(
     client_ranks: dict[int, int] | None = None,
 ) -> tuple[Strategy, PrivacyBudget | None]:
     """The configured strategy inside its wrappers, innermost first: central DP, the update
-    guard, codec, budget.
+    guard, the alpha search on validation data, codec, budget.
 
     Central DP clips decoded dense updates, so it sits inside the codec; the guard drops
     broken updates (NaN, wrong names or shapes, norms past the bound) before DP or the
@@ -227,6 +235,8 @@ def strategy_stack(
     if cfg.dp.mode in ("central", "both"):
         strategy = central_dp(strategy, cfg.dp, sampled_per_round(cfg))
     strategy = UpdateGuard(strategy, rejections, cfg.strategy.max_update_norm, cfg.min_replies)
+    if cfg.server_tunes():
+        strategy = AlphaSearch(strategy, cfg.codec.alpha_candidates())
     if is_active(cfg.codec):
         strategy = CompressedTransport(strategy, cfg.codec, rejections)
     budget = None
@@ -249,13 +259,44 @@ def check_compatible(cfg: RunConfig, strategy: Strategy) -> None:
         if is_active(cfg.codec):
             raise ConfigError(
                 f"strategy {name!r} sends per-node / merged LoRA layouts, which the codec does not "
-                "handle yet; set codec.name = 'none' and codec.downlink = 'fp32'"
+                "handle yet; set codec.name = 'none' and codec.downlink = 'none'"
             )
         if cfg.dp.mode in ("central", "both"):
             raise ConfigError(
                 f"strategy {name!r} changes the tensor layout between rounds, which Flower's central "
                 "DP wrappers cannot clip; use dp.mode = 'local'"
             )
+
+
+def validation_scorer(model: FedModel, cfg: RunConfig) -> Callable[[dict[str, Any]], float]:
+    """arrays -> loss on the server's validation split (codec.alpha-search)."""
+    data = task.server_validation_set(cfg)
+
+    def score(arrays: dict[str, Any]) -> float:
+        model.load_exchange_state(arrays)
+        return evaluate(model, data, cfg.train.eval_batch_size)[0]
+
+    return score
+
+
+def alpha_figures(strategy: Strategy) -> Callable[[int], dict[str, Any]] | None:
+    """The alpha chosen on validation data in each round (None without codec.alpha-search)."""
+    search = next((s for s in wrapper_chain(strategy) if isinstance(s, AlphaSearch)), None)
+    if search is None:
+        return None
+    return lambda server_round: (
+        {"codec_alpha": search.chosen[server_round]} if server_round in search.chosen else {}
+    )
+
+
+def round_figures(
+    *parts: Callable[[int], dict[str, Any]] | None,
+) -> Callable[[int], dict[str, Any]] | None:
+    """Several per-round figure functions as one (None when there are none)."""
+    present = [p for p in parts if p is not None]
+    if not present:
+        return None
+    return lambda server_round: {k: v for p in present for k, v in p(server_round).items()}
 
 
 def privacy_figures(

@@ -1,21 +1,23 @@
-"""Codecs that compress updates in transit; ComPEFT (Yadav et al., 2023) is the first.
+"""Codecs that compress updates in transit: a protocol, a registry and one module per codec.
 
-``CODECS`` maps a name to a codec class taking a :class:`~fedpeft.config.CodecConfig`;
-the conformance tests run over every entry.  The Flower glue (client mod and server
-wrapper) lives in :mod:`fedpeft.codecs.flower`.
+``CODECS`` (:mod:`fedpeft.codecs.registry`) maps ``codec.name`` to a codec; the
+conformance suite runs over every entry.  :mod:`fedpeft.codecs.flower` is the Flower glue
+(client mod and server wrapper); it asks the registry and never names a codec.
 """
 
+from fedpeft.codecs.base import Codec, EncodeStats, FlatCodec, entropy_bound_bits, with_error_feedback
 from fedpeft.codecs.bitstream import PayloadError, Template
-from fedpeft.codecs.compeft import CompeftCodec, EncodeStats, entropy_bound_bits, with_error_feedback
-
-CODECS: dict[str, type[CompeftCodec]] = {"compeft": CompeftCodec}
+from fedpeft.codecs.registry import CODECS, CodecSpec, build_codec
 
 __all__ = [
     "CODECS",
-    "CompeftCodec",
+    "Codec",
+    "CodecSpec",
     "EncodeStats",
+    "FlatCodec",
     "PayloadError",
     "Template",
+    "build_codec",
     "entropy_bound_bits",
     "with_error_feedback",
 ]

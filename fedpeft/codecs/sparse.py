@@ -11,6 +11,9 @@ import itertools
 
 import numpy as np
 
+from fedpeft.codecs.bitstream import PayloadError, get_varint, put_varint
+from fedpeft.codecs.positions import CODER_BY_ID, CODERS
+
 
 def num_kept(n: int, density: float) -> int:
     """k = round(density * n), clipped to [0, n]; at least 1 of a non-empty tensor."""
@@ -23,20 +26,25 @@ def topk_indices(x: np.ndarray, k: int) -> np.ndarray:
     """Sorted indices of the k entries of largest |x|; ties go to the lower index.
 
     Exactly k indices (fewer only when x has fewer than k non-zero entries: a zero has no
-    sign to send), deterministic, O(n): ``partition`` finds the threshold, then every
-    entry strictly above it is kept and the ties at the threshold are filled in index order.
+    sign to send), deterministic, O(n): ``partition`` finds the threshold, one pass picks
+    every entry at or above it (already in index order), and surplus ties at the
+    threshold are dropped from the highest index down.
     """
     n = x.size
-    k = min(k, int(np.count_nonzero(x)))
-    if k <= 0:
+    if k <= 0 or n == 0:
         return np.empty(0, dtype=np.int64)
     if k >= n:
-        return np.arange(n, dtype=np.int64)
+        return np.flatnonzero(x).astype(np.int64)
     mag = np.abs(x)
     threshold = np.partition(mag, n - k)[n - k]
-    above = np.flatnonzero(mag > threshold)
-    ties = np.flatnonzero(mag == threshold)[: k - above.size]
-    return np.sort(np.concatenate([above, ties])).astype(np.int64)
+    if threshold == 0:  # fewer than k non-zero entries: send them all
+        return np.flatnonzero(mag).astype(np.int64)
+    chosen = np.flatnonzero(mag >= threshold)
+    if chosen.size > k:
+        tie = mag[chosen] == threshold
+        keep = ~tie | (np.cumsum(tie) <= k - (chosen.size - int(tie.sum())))
+        chosen = chosen[keep]
+    return chosen.astype(np.int64, copy=False)
 
 
 def segment_topk(x: np.ndarray, offsets: np.ndarray, density: float) -> np.ndarray:
@@ -85,3 +93,36 @@ def scales_for(
     counts = np.bincount(seg, minlength=len(sizes))
     total = np.bincount(seg, weights=np.abs(x[indices]).astype(np.float64), minlength=len(sizes))
     return np.where(counts > 0, total / np.maximum(counts, 1), 0.0).astype(np.float32)
+
+
+# ---------------------------------------------------------------- positions on the wire
+def select(x: np.ndarray, offsets: np.ndarray, density: float, scope: str) -> np.ndarray:
+    """The sorted flat indices that survive top-k, per tensor or over the whole update."""
+    if scope == "global":
+        return topk_indices(x, num_kept(x.size, density))
+    return segment_topk(x, offsets, density)
+
+
+def pack_positions(indices: np.ndarray, n: int, coder: str) -> bytes:
+    """coder id u8 | varint length | the entropy-coded positions (``fedpeft.codecs.positions``)."""
+    coder_id, encode, _ = CODERS[coder]
+    stream = encode(indices, n)
+    return bytes([coder_id]) + put_varint(len(stream)) + stream
+
+
+def unpack_positions(body: bytes, k: int, n: int) -> tuple[np.ndarray, bytes]:
+    """(sorted indices, the rest of the body); PayloadError on anything malformed."""
+    if not body:
+        raise PayloadError("truncated", "no position stream")
+    if body[0] not in CODER_BY_ID:
+        raise PayloadError("malformed", f"unknown position coder id {body[0]}")
+    length, pos = get_varint(body, 1)
+    if pos + length > len(body):
+        raise PayloadError("truncated", f"position stream of {length} bytes runs past the payload")
+    _, _, decode = CODERS[CODER_BY_ID[body[0]]]
+    return decode(body[pos : pos + length], k, n), body[pos + length :]
+
+
+def positions_bound_bytes(n: int) -> int:
+    """No position stream of n entries is longer: n bits (a plain mask) plus 1% and framing."""
+    return n // 8 + n // 800 + 64

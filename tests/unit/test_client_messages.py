@@ -13,7 +13,7 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from fedpeft import task
 from fedpeft.apps import client_app
 from fedpeft.apps.server_app import run_server
-from fedpeft.codecs.flower import PAYLOAD_KEY, PAYLOAD_STYPE
+from fedpeft.codecs.flower import PAYLOAD_KEY
 from fedpeft.config import RunConfig
 from fedpeft.models import get_model
 from fedpeft.testing import DirectGrid
@@ -56,7 +56,7 @@ def test_replies_hold_only_exchanged_tensors_and_numbers(tiny_overrides, extra):
         assert set(content.array_records) == {"arrays"}
         record = content.array_records["arrays"]
         if "codec.name" in extra:
-            assert list(record) == [PAYLOAD_KEY] and record[PAYLOAD_KEY].stype == PAYLOAD_STYPE
+            assert list(record) == [PAYLOAD_KEY] and record[PAYLOAD_KEY].stype == "fedpeft.compeft/2"
             continue
         assert set(record) == set(exchanged)
         for name, array in record.items():

@@ -72,7 +72,7 @@ def test_report_files_and_cli(tmp_path, capsys):
     assert float(row["final_accuracy_mean"]) == pytest.approx(0.8) and row["seeds"] == "3"
     with (tmp_path / "rep" / "runs.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == 3
-    for name in ("report.md", "accuracy_vs_rounds.png", "accuracy_vs_bytes.png"):
+    for name in ("report.md", "accuracy_vs_rounds.png", "accuracy_vs_bytes.png", "frontier.png"):
         assert (tmp_path / "rep" / name).stat().st_size > 0
 
 

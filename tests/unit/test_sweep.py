@@ -33,13 +33,18 @@ def test_points_are_the_list_crossed_with_the_grid(tmp_path):
     path = _write_sweep(
         tmp_path,
         {"seed": [0, 1], "codec": {"density": [0.05, 0.1]}},
-        [{"label": "ans", "codec.positions": "ans"}, {"label": "rice", "codec.positions": "rice"}],
+        [
+            {"label": "ans", "codec.compeft.positions": "ans"},
+            {"label": "rice", "codec.compeft.positions": "rice"},
+        ],
     )
     points = Sweep.load(path).expand()
     assert len(points) == 8
     assert points[0].name == "ans_seed=0_codec.density=0.05"
-    assert points[0].varied == {"codec.positions": "ans", "seed": 0, "codec.density": 0.05}
-    assert points[-1].overrides["codec.positions"] == "rice" and points[-1].overrides["num-clients"] == 3
+    assert points[0].varied == {"codec.compeft.positions": "ans", "seed": 0, "codec.density": 0.05}
+    assert (
+        points[-1].overrides["codec.compeft.positions"] == "rice" and points[-1].overrides["num-clients"] == 3
+    )
 
 
 def test_sweep_files_are_checked_with_clear_errors(tmp_path):

@@ -1,0 +1,77 @@
+"""Transport settings in a whole federation (real apps over DirectGrid): the alpha search
+on validation data, small tensors apart, the density warm-up, the seeded first round,
+downlink error feedback, and every registered codec on both directions."""
+
+import math
+
+import pytest
+
+from fedpeft.apps import client_app as client_module
+from fedpeft.apps.server_app import run_server
+from fedpeft.codecs import CODECS
+from fedpeft.config import ConfigError, RunConfig
+from fedpeft.results import read_rounds
+from fedpeft.testing import DirectGrid
+
+
+def _run(overrides):
+    cfg = RunConfig.from_run_config(overrides)
+    grid = DirectGrid(client_module.app, cfg.num_clients, cfg.to_run_config())
+    return read_rounds(run_server(grid, cfg))
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_every_codec_both_ways_in_a_federation(tiny_overrides, name):
+    rounds = _run(tiny_overrides | {"codec.name": name, "codec.downlink": name, "codec.density": 0.2})
+    assert [r["num_replied"] for r in rounds[1:]] == [3, 3]
+    assert all(math.isfinite(r["loss"]) for r in rounds)
+    if name != "none":
+        ratios = [c["metrics"]["codec-ratio"] for r in rounds[1:] for c in r["clients"]]
+        assert min(ratios) > (1.9 if name == "fp16" else 3.9)
+
+
+def test_alpha_search_records_the_chosen_scale_and_keeps_the_test_set_apart(tiny_overrides):
+    over = tiny_overrides | {
+        "codec.name": "compeft",
+        "codec.alpha-search": "1,4",
+        "data.validation-examples": 20,
+    }
+    rounds = _run(over)
+    assert all(r["codec_alpha"] in (1.0, 4.0) for r in rounds[1:])
+    assert rounds[0].get("codec_alpha") is None
+    dense = RunConfig.from_run_config(tiny_overrides)
+    coded = RunConfig.from_run_config(tiny_overrides | {"codec.name": "compeft"})
+    from fedpeft import task
+
+    assert len(task.server_splits(dense)[0]) == 0  # no tuning: every held-out example tests
+    held_out = len(task.split(coded)[1])
+    assert len(task.server_splits(coded)[0]) == max(round(0.2 * held_out), min(32, held_out // 2))
+    with pytest.raises(ConfigError, match="alpha-search"):
+        RunConfig.from_run_config(
+            tiny_overrides | {"codec.alpha-search": "1,x", "data.validation-examples": 5}
+        )
+
+
+def test_small_tensors_travel_apart_and_warmup_sends_more_early(tiny_overrides):
+    base = tiny_overrides | {"codec.name": "compeft", "codec.density": 0.05, "num-rounds": 3}
+    plain = _run(base | {"run-name": "plain"})
+    split = _run(base | {"run-name": "split", "codec.small-tensors": 2000})
+    warm = _run(base | {"run-name": "warm", "codec.warmup-rounds": 2, "codec.warmup-density": 0.5})
+    up = lambda rounds, i: rounds[i]["bytes_up"]  # noqa: E731
+    # the 5-class head (1,925 entries, fp16) costs ~3.9 kB more per client
+    assert 3 * 3_500 < up(split, 1) - up(plain, 1) < 3 * 4_500
+    assert (
+        up(warm, 1) > 3 * up(plain, 1)
+        and up(warm, 2) > up(plain, 2)
+        and up(warm, 3) == pytest.approx(up(plain, 3), rel=0.05)
+    )
+
+
+def test_round_one_is_seeded_and_downlink_feedback_can_be_off(tiny_overrides):
+    base = tiny_overrides | {"codec.name": "compeft", "codec.downlink": "compeft", "num-rounds": 3}
+    on = _run(base | {"run-name": "ef"})
+    off = _run(base | {"run-name": "no-ef", "codec.downlink-error-feedback": False})
+    for rounds in (on, off):
+        assert rounds[1]["bytes_down"] < 3 * 1_000  # only a checksum of the seeded initial state
+        assert all(math.isfinite(r["loss"]) for r in rounds)
+    assert on[3]["loss"] != off[3]["loss"]
