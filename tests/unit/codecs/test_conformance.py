@@ -194,7 +194,7 @@ def test_every_registered_codec_has_a_reference_and_variants():
         "a.lora_A.weight": np.zeros(1, np.float32),
         "a.lora_B.weight": np.full(1, 1.9494224e-28, np.float32),
     },
-    index=3,
+    index=4,
 )
 def test_round_trip_equals_the_reference(update, index):
     name, codec = VARIANTS[index]

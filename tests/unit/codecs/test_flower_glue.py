@@ -90,3 +90,20 @@ def test_error_feedback_state_lives_in_context_state(tiny_overrides):
         tiny_overrides | {"run-name": "no-ef", "codec.name": "compeft", "codec.error-feedback": False}
     )
     assert all("fedpeft.codec.residual" not in c.state.array_records for c in grid.contexts.values())
+
+
+class WrongType(CorruptOne):
+    """Node `bad` labels its (intact) payload as another codec's."""
+
+    def __call__(self, msg, context):
+        reply = client_module.app(msg, context)
+        if msg.metadata.message_type == "train" and context.node_config["partition-id"] == self.bad:
+            array = reply.content.array_records[ARRAYS_KEY][PAYLOAD_KEY]
+            reply.content[ARRAYS_KEY] = payload_record(bytes(array.data), "fedpeft.int8/2")
+        return reply
+
+
+def test_a_payload_of_another_codec_type_is_rejected(tiny_overrides):
+    rounds, _ = _run(tiny_overrides | {"codec.name": "compeft", "num-rounds": 1}, WrongType(bad_partition=2))
+    bad = [c for c in rounds[1]["clients"] if c["partition_id"] == 2]
+    assert bad[0]["error"].startswith("rejected payload (codec)") and rounds[1]["num_replied"] == 2
