@@ -297,9 +297,9 @@ def ablation(args: argparse.Namespace, base: dict[str, Any], folder: Path) -> di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", choices=["bbc-news", "wordnet-nouns"], default="bbc-news")
-    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=8, help="local steps per round")
+    ap.add_argument("--steps", type=int, default=4, help="local steps per round")
     ap.add_argument("--validation", type=int, default=89, help="server validation examples (all rows)")
     ap.add_argument("--workers", type=int, default=2, help="runs at once (one CPU core each)")
     ap.add_argument("--ablation", action="store_true")

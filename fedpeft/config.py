@@ -202,7 +202,7 @@ class CodecConfig:
     # Client -> server: a registered codec ("none" = dense float32, Flower's own arrays).
     name: str = field(default="none", metadata={"registry": _codec_names})
     # Fraction of entries a sparsifying codec keeps: k = round(density * n).
-    density: float = field(default=0.05, metadata=_range(0.0, 1.0, lo_open=True))
+    density: float = field(default=0.1, metadata=_range(0.0, 1.0, lo_open=True))
     # Keep what compression lost on each client and add it to its next update.
     error_feedback: bool = True
     # Server -> client: a registered codec applied to the change of the global model, or

@@ -284,12 +284,7 @@ def curve(group: Group, x: str) -> tuple[list[float], list[float], list[float], 
 
 def plot_curves(groups: Sequence[Group], path: Path, *, x: str) -> Path:
     """Accuracy against rounds (``x="round"``) or cumulative bytes up+down (``"bytes"``, log)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = _axes()
     for g in groups:
         xs, mean, lo, hi = curve(g, x)
         (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=f"{g.label} (n={len(g.runs)})")
@@ -300,7 +295,22 @@ def plot_curves(groups: Sequence[Group], path: Path, *, x: str) -> Path:
         ax.set_xlabel("cumulative bytes on the wire (up + down)")
     else:
         ax.set_xlabel("round")
-    ax.set_ylabel("global test accuracy")
+    return _save(fig, ax, path, "global test accuracy")
+
+
+def _axes() -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(7, 4.2))
+
+
+def _save(fig: Any, ax: Any, path: Path, ylabel: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -311,12 +321,7 @@ def plot_curves(groups: Sequence[Group], path: Path, *, x: str) -> Path:
 
 def plot_frontier(groups: Sequence[Group], path: Path) -> Path:
     """Final accuracy against total bytes up+down, one point per group (bars: min-max over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = _axes()
     for g in groups:
         total = [r.bytes_up + r.bytes_down for r in g.runs]
         acc = [r.final_accuracy for r in g.runs]
@@ -332,10 +337,4 @@ def plot_frontier(groups: Sequence[Group], path: Path) -> Path:
         )
     ax.set_xscale("log")
     ax.set_xlabel("total bytes on the wire (up + down)")
-    ax.set_ylabel("final global test accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, "final global test accuracy")

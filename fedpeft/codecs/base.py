@@ -33,6 +33,12 @@ Update = Mapping[str, np.ndarray]
 HEADER_BOUND = FIXED.size + 5 * 10 + CRC.size  # fixed part, five varints of at most 10 bytes, crc
 
 
+def to_half(x: np.ndarray) -> np.ndarray:
+    """``x`` as little-endian fp16, clipped to the largest half instead of overflowing to Inf."""
+    big = float(np.finfo(np.float16).max)
+    return np.clip(x, -big, big).astype("<f2")
+
+
 def entropy_bound_bits(n: int, k: int) -> float:
     """n * (H(d) + d) bits for k kept of n: positions plus one sign bit each."""
     return positions_bound_bits(n, k) + k

@@ -25,22 +25,19 @@ from fedpeft.codecs.sparse import (
     select,
     unpack_positions,
 )
+from fedpeft.codecs.topk import TopkSettings
 from fedpeft.config import choices, value_range
 
 
 @dataclass(frozen=True)
-class CompeftSettings:
-    """``[codec.compeft]``."""
+class CompeftSettings(TopkSettings):
+    """``[codec.compeft]``: top-k as ``[codec.topk]`` (scope, positions), plus the scale."""
 
-    # Top-k within each tensor, or over all exchanged tensors at once.
-    scope: str = field(default="tensor", metadata=choices("tensor", "global"))
     # "mean": mean |kept| (STC, needs no tuning); "std": alpha * std(update) (ComPEFT).
     scale: str = field(default="mean", metadata=choices("mean", "std"))
     alpha: float = field(default=1.0, metadata=value_range(0.0, lo_open=True))
     # One scale per tensor, or one for the whole update.
     scale_per: str = field(default="tensor", metadata=choices("tensor", "global"))
-    # Entropy coder of the kept positions: "ans" (constriction) or "rice" (Golomb-Rice gaps).
-    positions: str = field(default="ans", metadata=choices("ans", "rice"))
 
 
 class CompeftCodec(FlatCodec):

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from fedpeft.codecs.base import FlatCodec, Parts
+from fedpeft.codecs.base import FlatCodec, Parts, to_half
 from fedpeft.codecs.bitstream import Header, PayloadError, Template
 
 _NO_SCALES = np.empty(0, np.float32)
@@ -61,6 +61,4 @@ class Fp16Codec(_Dense):
     dtype = "<f2"
 
     def parts(self, x: np.ndarray, template: Template) -> Parts:
-        # Past fp16's range an entry would become Inf: clip to the largest half instead.
-        big = float(np.finfo(np.float16).max)
-        return Parts(x.size, _NO_SCALES, False, {"values": np.clip(x, -big, big).astype(self.dtype)})
+        return Parts(x.size, _NO_SCALES, False, {"values": to_half(x)})

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedpeft.codecs.base import FlatCodec, Parts, positions_bound_bits
+from fedpeft.codecs.base import FlatCodec, Parts, positions_bound_bits, to_half
 from fedpeft.codecs.bitstream import Header, PayloadError, Template
 from fedpeft.codecs.sparse import pack_positions, positions_bound_bytes, select, unpack_positions
 from fedpeft.config import choices
@@ -40,10 +40,7 @@ class TopkCodec(FlatCodec):
 
     def parts(self, x: np.ndarray, template: Template) -> Parts:
         idx = select(x, template.offsets, self.density, self.settings.scope)
-        big = float(np.finfo(np.float16).max)
-        return Parts(
-            idx.size, _NO_SCALES, False, {"idx": idx, "values": np.clip(x[idx], -big, big).astype("<f2")}
-        )
+        return Parts(idx.size, _NO_SCALES, False, {"idx": idx, "values": to_half(x[idx])})
 
     def body(self, parts: Parts, n: int) -> bytes:
         return pack_positions(parts.data["idx"], n, self.settings.positions) + parts.data["values"].tobytes()

@@ -4,7 +4,7 @@ import pickle
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ConfigRecord, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 from fedpeft.codecs.alpha import AlphaSearch

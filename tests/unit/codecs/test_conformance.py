@@ -146,7 +146,13 @@ for _d in (0.01, 0.1, 0.5):
             VARIANTS.append(("topk", build_codec("topk", _d, {"topk": TopkSettings(_scope, _pos)})))
             for _scale in ("mean", "std"):
                 for _per in ("tensor", "global"):
-                    s = CompeftSettings(_scope, _scale, 2.0 if _scale == "std" else 1.0, _per, _pos)
+                    s = CompeftSettings(
+                        scope=_scope,
+                        positions=_pos,
+                        scale=_scale,
+                        alpha=2.0 if _scale == "std" else 1.0,
+                        scale_per=_per,
+                    )
                     VARIANTS.append(("compeft", build_codec("compeft", _d, {"compeft": s})))
 VARIANTS += [
     ("none", build_codec("none", 1.0, {})),
