@@ -89,12 +89,8 @@ def frontier_runs(seeds: int) -> list[tuple[str, int, dict[str, Any]]]:
         ("fp16 both ways", {"codec.name": "fp16", "codec.downlink": "fp16"}),
         ("int8 both ways", {"codec.name": "int8", "codec.downlink": "int8"}),
         ("sign (EF-SignSGD) both ways", {"codec.name": "sign", "codec.downlink": "sign"}),
-        (
-            "top-k 5% fp16 values both ways",
-            {"codec.name": "topk", "codec.downlink": "topk", "codec.density": 0.05},
-        ),
-        ("ComPEFT 1%", CODED | {"codec.density": 0.01}),
-        ("ComPEFT 10%", CODED | {"codec.density": 0.1}),
+        ("top-k 10%, fp16 values, both ways", {"codec.name": "topk", "codec.downlink": "topk"}),
+        ("ComPEFT 5%", CODED | {"codec.density": 0.05}),
     ]
     runs += [(label, 0, over) for label, over in one]
     return runs
