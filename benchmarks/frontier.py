@@ -162,8 +162,13 @@ def frontier(args: argparse.Namespace, base: dict[str, Any], folder: Path, tag: 
     seconds = time.perf_counter() - t0
     full_up = up_per_client_round(read_rounds(folder / full[0]))
     by_label: dict[str, list[list[dict[str, Any]]]] = {}
+    missing = []
     for label, seed, _ in runs:
-        by_label.setdefault(label, []).append(read_rounds(folder / slug(label, seed)))
+        rounds = read_rounds(folder / slug(label, seed))
+        if rounds:
+            by_label.setdefault(label, []).append(rounds)
+        else:  # skipped (an adapter folder made by hand): reported as not run
+            missing.append(slug(label, seed))
     dense = by_label["dense LoRA"]
     dense_final = statistics.fmean(r[-1]["accuracy"] for r in dense)
     last3 = [statistics.fmean(r[-i]["accuracy"] for r in dense) for i in (1, 2, 3)]
@@ -235,6 +240,8 @@ def frontier(args: argparse.Namespace, base: dict[str, Any], folder: Path, tag: 
         f"({', '.join(f'{100 * a:.1f}%' for a in reversed(last3))}); full-model FedAvg uplink per "
         f"client-round {human_bytes(round(full_up))}; {seconds / 60:.0f} min on this machine."
     )
+    if missing:
+        head += f" Not run: {', '.join(missing)}."
     print(f"\n{head}\n{text}")
     (RESULTS / f"frontier_{tag}.md").write_text(
         f"Command: `.venv/bin/python -m benchmarks.frontier {' '.join(sys.argv[1:])}`\n\n{head}\n\n{text}\n"
