@@ -312,9 +312,9 @@ def _save(fig: Any, ax: Any, path: Path, ylabel: str) -> Path:
 
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # Below the axes: group labels name every key that differs, and can be long.
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.14))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
