@@ -29,7 +29,7 @@ from fedpeft.checkpoint import (
     set_rng_state,
 )
 from fedpeft.codecs.alpha import AlphaSearch
-from fedpeft.codecs.flower import CompressedTransport, is_active
+from fedpeft.codecs.flower import CompressedTransport
 from fedpeft.config import ConfigError, RunConfig
 from fedpeft.data import partition_stats
 from fedpeft.guard import UpdateGuard
@@ -237,7 +237,7 @@ def strategy_stack(
     strategy = UpdateGuard(strategy, rejections, cfg.strategy.max_update_norm, cfg.min_replies)
     if cfg.server_tunes():
         strategy = AlphaSearch(strategy, cfg.codec.alpha_candidates())
-    if is_active(cfg.codec):
+    if cfg.codec.active():
         strategy = CompressedTransport(strategy, cfg.codec, rejections)
     budget = None
     if cfg.dp.mode in ("local", "both"):
@@ -256,7 +256,7 @@ def check_compatible(cfg: RunConfig, strategy: Strategy) -> None:
     if getattr(strategy, "rewrites_arrays", False):
         # The codec and Flower's central-DP wrappers compute updates as reply - what was sent,
         # which needs the same tensors both ways; these strategies change the layout per node.
-        if is_active(cfg.codec):
+        if cfg.codec.active():
             raise ConfigError(
                 f"strategy {name!r} sends per-node / merged LoRA layouts, which the codec does not "
                 "handle yet; set codec.name = 'none' and codec.downlink = 'none'"

@@ -32,7 +32,6 @@ CRC = struct.Struct("<I")
 
 FLAG_FP16_SCALES = 1  # scales stored as float16 (when every one is a normal fp16 number)
 FLAG_TENSOR_SCALES = 2  # one scale per tensor, else one for all
-FLAG_CODEC = 4  # first of the bits a codec may use for itself (FLAG_CODEC << i)
 
 REASONS = (
     "truncated",

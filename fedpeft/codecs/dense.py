@@ -48,7 +48,6 @@ class Fp32Codec(_Dense):
     codec_id = 0
     payload_type = "fedpeft.fp32/2"
     citation = "no compression"
-    dtype = "<f4"
 
 
 class Fp16Codec(_Dense):

@@ -52,11 +52,6 @@ Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Messag
 InitialState = Callable[[Context], Mapping[str, np.ndarray]]
 
 
-def is_active(cfg: CodecConfig) -> bool:
-    """Whether anything differs from the dense float32 path."""
-    return cfg.active()
-
-
 def payload_record(payload: bytes, payload_type: str) -> ArrayRecord:
     """One packed byte array: a single Array costs ~330 bytes of framing, so only one."""
     return ArrayRecord(
@@ -109,8 +104,9 @@ def _receive(
     if mode == "delta":
         held = from_record(context.state.array_records[GLOBAL_STATE])
         have = int(context.state.config_records[META_STATE]["version"])  # type: ignore[arg-type]
-        codec = transport_codec(cfg, "downlink", _round(config), Template.of(held))
-        delta = codec.decode(payload_of(record, codec), Template.of(held), base=have)
+        template = Template.of(held)
+        codec = transport_codec(cfg, "downlink", _round(config), template)
+        delta = codec.decode(payload_of(record, codec), template, base=have)
         global_ = {k: held[k] + delta[k] for k in held}
     elif mode == "seeded":
         global_ = {k: np.array(v, dtype=np.float32) for k, v in initial_state(context).items()}

@@ -72,7 +72,7 @@ def scales_for(
     if not per_tensor:
         if scale == "std":
             # In float64, as per tensor: a float32 variance of tiny updates underflows to 0.
-            value = alpha * float(np.std(x, dtype=np.float64)) if x.size else 0.0
+            value = alpha * float(np.std(x.astype(np.float64))) if x.size else 0.0
         else:
             value = float(np.mean(np.abs(x[indices]))) if indices.size else 0.0
         return np.asarray([value], dtype=np.float32)
@@ -82,11 +82,13 @@ def scales_for(
         nz = sizes > 0
         x64 = x.astype(np.float64)
         sums, sq = np.zeros(len(sizes)), np.zeros(len(sizes))
-        if x.size:
-            sums[nz] = np.add.reduceat(x64, offsets[:-1][nz])
-            sq[nz] = np.add.reduceat(x64 * x64, offsets[:-1][nz])
         safe = np.maximum(sizes, 1)
-        var = np.maximum(sq / safe - (sums / safe) ** 2, 0.0)
+        if x.size:
+            # Two passes, as np.std: E[x^2] - E[x]^2 leaves round-off on a constant tensor.
+            sums[nz] = np.add.reduceat(x64, offsets[:-1][nz])
+            dev = x64 - np.repeat(sums / safe, sizes)
+            sq[nz] = np.add.reduceat(dev * dev, offsets[:-1][nz])
+        var = sq / safe
         out = alpha * np.sqrt(var)
         out[sizes == 0] = 0.0
         return out.astype(np.float32)
