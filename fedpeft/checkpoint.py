@@ -25,21 +25,17 @@ import hashlib
 import os
 import pickle
 import random
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from fedpeft.crash import crash_point
-from strategies.wrapper import StrategyWrapper, wrapper_chain
 
 CHECKPOINT_FILE = "checkpoint.bin"
 CLIENT_STATE_DIR = "clients"
@@ -119,7 +115,16 @@ class Checkpoint:
         path = run_dir / CHECKPOINT_FILE
         if not path.is_file():
             raise CheckpointError(f"{run_dir}: no {CHECKPOINT_FILE}; nothing to resume (no round completed)")
-        ckpt = pickle.loads(read_verified(path))
+        try:
+            ckpt = pickle.loads(read_verified(path))
+        except (ModuleNotFoundError, AttributeError) as err:
+            # The strategy stack is pickled by class path; a checkpoint written before a class
+            # moved (e.g. the server wrappers into fedpeft.server) names one that is gone.
+            raise CheckpointError(
+                f"{path}: written by an older fedpeft whose classes moved or changed ({err}); it "
+                "cannot be resumed by this version: start the run again (or resume it with the "
+                "fedpeft version that wrote it)"
+            ) from err
         if not isinstance(ckpt, Checkpoint):
             raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a Checkpoint")
         return ckpt
@@ -134,40 +139,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["random"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-
-
-def remap_nodes(strategy: Strategy, mapping: dict[int, int]) -> None:
-    """Rename node ids in every wrapper's state after a restart (a new engine, new ids)."""
-    for current in wrapper_chain(strategy):
-        remap = getattr(current, "remap_nodes", None)
-        if callable(remap):
-            remap(mapping)
-
-
-class RoundOffset(StrategyWrapper):
-    """Number the rounds of a resumed ``Strategy.start`` from ``offset + 1`` for the inner strategy."""
-
-    def __init__(self, inner: Strategy, offset: int) -> None:
-        super().__init__(inner)
-        self.offset = offset
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.inner.aggregate_train(server_round + self.offset, replies)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round + self.offset, replies)
 
 
 # ---------------------------------------------------------------------- client side

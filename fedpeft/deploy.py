@@ -422,7 +422,7 @@ def deploy(
             f"--supernodes {nodes} but num-clients={cfg.num_clients}: each SuperNode serves one "
             f"partition, so start as many as num-clients (or --set num-clients={nodes})"
         )
-    from fedpeft.apps.server_app import run_dir_for
+    from fedpeft.results import run_dir_for
 
     run_dir = run_dir_for(cfg)
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="fedpeft-deploy-"))

@@ -111,7 +111,7 @@ def resolve_config(
     """
     from flwr.common.config import get_fused_config_from_dir
 
-    from fedpeft.apps.server_app import run_dir_for
+    from fedpeft.results import run_dir_for
 
     RunConfig.from_run_config(overrides)  # names an unknown key before Flower's generic error
     overrides = dict(overrides)
@@ -129,17 +129,17 @@ def resolve_config(
 def preflight(cfg: RunConfig) -> None:
     """Resolve every registry entry and the dataset now, so errors come before Ray starts."""
     from fedpeft import task
-    from fedpeft.apps.server_app import strategy_stack
     from fedpeft.models import get_method
-    from fedpeft.rejections import RejectionLog
+    from fedpeft.server.rejections import RejectionLog
+    from fedpeft.server.stack import strategy_stack
     from strategies import resolve_strategy
 
     get_method(cfg.peft.method)
     resolve_strategy(cfg.strategy.name)
-    strategy_stack(cfg, RejectionLog(), {})  # builds every wrapper: their own checks run now
+    strategy_stack(cfg, RejectionLog())  # builds every wrapper: their own checks run now
     if cfg.resume:  # a missing or damaged checkpoint fails here, not after Ray has started
-        from fedpeft.apps.server_app import run_dir_for
         from fedpeft.checkpoint import Checkpoint
+        from fedpeft.results import run_dir_for
 
         Checkpoint.load(run_dir_for(cfg))
     if task.num_labels(cfg) < 2:
@@ -208,7 +208,7 @@ def simulate(
         _run_inprocess(cfg, final, client_threads=max(1, int(ray.cpus_per_client)))
     else:
         _run_engine(cfg, final, ray_backend_config(cfg, ray), ray.verbose)
-    from fedpeft.apps.server_app import run_dir_for
+    from fedpeft.results import run_dir_for
 
     run_dir = run_dir_for(cfg)
     if not (run_dir / "rounds.jsonl").is_file():

@@ -10,7 +10,8 @@ Per run: final and best global accuracy, rounds to reach ``target`` accuracy, to
 up and down (as metered on the wire), bytes up+down until the target was first reached,
 the uplink compression ratio (dense float32 update / coded payload, from the codec's own
 per-client figures; 1 when no codec ran), the largest epsilon spent (local DP-SGD, or the
-central mechanism's), and wall time.  Writes ``report.md``, ``report.csv`` (one row per
+central mechanism's), wall time, and the final round's scalar ``strategy_metrics`` (what
+the strategy returned from aggregation, a user's strategy included).  Writes ``report.md``, ``report.csv`` (one row per
 group), ``runs.csv`` (one row per run), ``accuracy_vs_rounds.png`` and
 ``accuracy_vs_bytes.png`` (cumulative bytes up+down, log scale) and ``frontier.png``
 (final accuracy against total bytes up+down per group: mean, and min-max over seeds).
@@ -24,7 +25,7 @@ import math
 import os
 import statistics
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,8 @@ class RunSummary:
     compression_ratio: float  # uplink: dense float32 update bytes / coded bytes
     max_epsilon: float | None
     wall_seconds: float
+    # The last trained round's scalar strategy metrics ("train.<key>", "evaluate.<key>").
+    strategy_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def seed(self) -> Any:
@@ -121,7 +124,18 @@ def summarize(run_dir: Path, target: float = DEFAULT_TARGET) -> RunSummary:
         compression_ratio=raw / encoded if encoded else 1.0,
         max_epsilon=max(eps) if eps else None,
         wall_seconds=float(sum(r.get("wall_seconds", 0.0) for r in rounds)),
+        strategy_metrics=final_strategy_metrics(rounds),
     )
+
+
+def final_strategy_metrics(rounds: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The scalar strategy metrics of the last round that has any (older folders: none)."""
+    for r in reversed(rounds):
+        metrics = r.get("strategy_metrics") or {}
+        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        if scalars:
+            return scalars
+    return {}
 
 
 def _num(x: Any) -> float:
@@ -142,8 +156,22 @@ class Group:
         values = [float(v) for r in self.runs if (v := getattr(r, name)) is not None and math.isfinite(v)]
         if not values:
             return None, None, 0
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        return statistics.fmean(values), std, len(values)
+        return _spread(values)
+
+    def metric_stat(self, key: str) -> tuple[float | None, float | None, int]:
+        """(mean, sample std, count) of one final strategy metric over the runs that have it."""
+        values = [v for r in self.runs if (v := r.strategy_metrics.get(key)) is not None and math.isfinite(v)]
+        return _spread(values) if values else (None, None, 0)
+
+
+def _spread(values: Sequence[float]) -> tuple[float | None, float | None, int]:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), std, len(values)
+
+
+def strategy_metric_keys(runs: Iterable[RunSummary]) -> list[str]:
+    """Every final strategy metric any run has, sorted."""
+    return sorted({k for r in runs for k in r.strategy_metrics})
 
 
 def group_runs(runs: Sequence[RunSummary]) -> list[Group]:
@@ -231,31 +259,58 @@ def markdown_table(groups: Sequence[Group], target: float) -> str:
     lines = [
         f"Target accuracy: {100 * target:.1f}%. Mean ± sample std over seeds; (k/n): only k of n seeds have a value.",
         "",
+        *_table(headers, rows),
+    ]
+    keys = strategy_metric_keys(r for g in groups for r in g.runs)
+    if keys:
+        metric_rows = []
+        for g in groups:
+            cells = [g.label]
+            for key in keys:
+                mean, std, n = g.metric_stat(key)
+                cells.append("-" if mean is None else f"{mean:.4g}" + (f" ± {std:.2g}" if std else ""))
+            metric_rows.append(cells)
+        lines += ["", "What the strategies returned from aggregation in the final round:", ""]
+        lines += _table(["run", *keys], metric_rows)
+    return "\n".join(lines)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return [
         "| " + " | ".join(headers) + " |",
         "|" + "|".join("---" for _ in headers) + "|",
         *("| " + " | ".join(r) + " |" for r in rows),
     ]
-    return "\n".join(lines)
 
 
 def _write_group_csv(path: Path, groups: Sequence[Group]) -> None:
     setting_keys = sorted({k for g in groups for k in g.settings})
+    metric_keys = strategy_metric_keys(r for g in groups for r in g.runs)
     with path.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(
-            ["label", *setting_keys, "seeds", *(f"{n}_{s}" for n, _, _ in COLUMNS for s in ("mean", "std"))]
+            [
+                "label",
+                *setting_keys,
+                "seeds",
+                *(f"{n}_{s}" for n, _, _ in COLUMNS for s in ("mean", "std")),
+                *(f"strategy.{k}_{s}" for k in metric_keys for s in ("mean", "std")),
+            ]
         )
         for g in groups:
             stats = [v for n, _, _ in COLUMNS for v in g.stat(n)[:2]]
+            stats += [v for k in metric_keys for v in g.metric_stat(k)[:2]]
             w.writerow([g.label, *(g.settings.get(k) for k in setting_keys), len(g.runs), *_cells(stats)])
 
 
 def _write_runs_csv(path: Path, runs: Sequence[RunSummary]) -> None:
+    metric_keys = strategy_metric_keys(runs)
     with path.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["run_dir", "seed", *(n for n, _, _ in COLUMNS)])
+        w.writerow(["run_dir", "seed", *(n for n, _, _ in COLUMNS), *(f"strategy.{k}" for k in metric_keys)])
         for r in runs:
-            w.writerow([str(r.run_dir), r.seed, *_cells([getattr(r, n) for n, _, _ in COLUMNS])])
+            values = [getattr(r, n) for n, _, _ in COLUMNS] + [r.strategy_metrics.get(k) for k in metric_keys]
+            w.writerow([str(r.run_dir), r.seed, *_cells(values)])
 
 
 def _cells(values: Iterable[Any]) -> list[Any]:

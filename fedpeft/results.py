@@ -34,14 +34,19 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedpeft.crash import crash_point
+
+if TYPE_CHECKING:  # results never need a model loaded; only the adapter export takes one
+    from fedpeft.config import RunConfig
+    from fedpeft.models import FedModel
 
 __all__ = [
     "CLIENTS_CSV_COLUMNS",
@@ -62,6 +67,7 @@ CONFIG_FILE = "config.json"
 VERSIONS_FILE = "versions.json"
 ROUNDS_JSONL = "rounds.jsonl"
 ROUNDS_CSV = "rounds.csv"
+ADAPTER_DIR = "adapter"  # the final adapter; written last, so it marks a finished run
 CLIENTS_CSV = "clients.csv"
 PLOT_FILE = "progress.png"
 
@@ -97,6 +103,7 @@ ROUNDS_CSV_COLUMNS: tuple[str, ...] = (
     "max_epsilon",
     "central_epsilon",
     "codec_alpha",
+    "strategy_metrics",  # a JSON object per row
 )
 
 
@@ -149,6 +156,9 @@ class RoundRecord:
     central_epsilon: float | None = None
     # The step scale the server chose on its validation split (codec.alpha-search), or None.
     codec_alpha: float | None = None
+    # What the strategy stack returned from aggregation this round ("train.<key>" from
+    # aggregate_train, "evaluate.<key>" from aggregate_evaluate), a user's strategy included.
+    strategy_metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def bytes_up(self) -> int:
@@ -281,6 +291,26 @@ def default_run_name(config_items: Mapping[str, Any], now: datetime | None = Non
     the same config share the 8-hex-digit suffix (sha256 of the key-sorted JSON)."""
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
     return f"{stamp}-{_config_hash(config_items)}"
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    """``results-dir/run-name`` (a timestamped name when none is configured)."""
+    name = cfg.run_name or default_run_name(cfg.to_run_config())
+    return Path(cfg.results_dir).expanduser().resolve() / name
+
+
+def save_adapter(model: FedModel, run_dir: Path, labels: tuple[str, ...], cfg: RunConfig) -> Path:
+    """Write ``run_dir/adapter`` whole or not at all (a crash mid-save leaves no adapter).
+
+    Its presence marks a finished run; a resumed run whose checkpoint is the last round
+    writes it again.
+    """
+    final, tmp = run_dir / ADAPTER_DIR, run_dir / f".{ADAPTER_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp, labels, cfg=cfg.for_server())
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
 
 
 def collect_versions() -> dict[str, str | None]:

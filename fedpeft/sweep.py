@@ -169,10 +169,14 @@ def point_status(run_dir: Path, cfg: RunConfig) -> str:
             "sweep another name or results-dir"
         )
     from fedpeft.checkpoint import CHECKPOINT_FILE
-    from fedpeft.results import read_rounds
+    from fedpeft.results import ADAPTER_DIR, read_rounds
 
     rounds = read_rounds(run_dir)
-    if rounds and rounds[-1]["round"] == cfg.num_rounds and (run_dir / "adapter" / "fedpeft.json").is_file():
+    if (
+        rounds
+        and rounds[-1]["round"] == cfg.num_rounds
+        and (run_dir / ADAPTER_DIR / "fedpeft.json").is_file()
+    ):
         return "done"
     return "partial" if (run_dir / CHECKPOINT_FILE).is_file() else "new"
 

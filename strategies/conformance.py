@@ -69,6 +69,7 @@ from strategies.lora_exact import (
     svd_refactor,
 )
 from strategies.registry import STRATEGIES, build_strategy
+from strategies.traits import declared_traits, hand_client_ranks
 
 ALPHA = 16.0  # lora_alpha of the toy model
 RANK = 4  # its global LoRA rank R
@@ -102,7 +103,7 @@ class Traits:
         merged form out, the mean added to the global's product).
     truncates: the result is capped at the global rank R (best rank-R approximation), and a
         rank-r node is sent the best rank-r approximation of the global.
-    heterogeneous_ranks: serves clients of different ranks (``supports_heterogeneous_ranks``).
+    heterogeneous_ranks: serves clients of different ranks (``StrategyTraits.heterogeneous_ranks``).
     """
 
     kind: str = "mean"
@@ -119,16 +120,19 @@ class Traits:
 
     @classmethod
     def of(cls, strategy: Strategy) -> Traits:
-        """The traits of a built strategy: Flower defaults by class, then its declared ones."""
+        """The traits of a built strategy: Flower defaults by class, then its declared ones
+        (:class:`strategies.traits.StrategyTraits`)."""
         fields: dict[str, Any] = {}
         for klass in reversed(type(strategy).__mro__):
             fields.update(FLOWER_TRAITS.get(klass, {}))
-        declared = getattr(strategy, "conformance_traits", None) or {}
-        unknown = set(declared) - {f.name for f in dataclasses.fields(cls)}
+        declared = declared_traits(strategy)
+        unknown = set(declared.conformance) - {f.name for f in dataclasses.fields(cls)} | (
+            {"heterogeneous_ranks"} & set(declared.conformance)
+        )
         if unknown:
             raise ValueError(f"unknown conformance traits {sorted(unknown)}")
-        fields.update(declared)
-        fields["heterogeneous_ranks"] = bool(getattr(strategy, "supports_heterogeneous_ranks", False))
+        fields.update(declared.conformance)
+        fields["heterogeneous_ranks"] = declared.heterogeneous_ranks
         return cls(**fields)
 
 
@@ -307,11 +311,14 @@ class Subject:
     def of(cls, target: str | Callable[..., Any], traits: Traits | None = None) -> Subject:
         label = target if isinstance(target, str) else getattr(target, "__qualname__", repr(target))
         if traits is None:
-            traits = Traits.of(build_strategy(target, **SETTINGS, client_ranks={}))
+            traits = Traits.of(build_strategy(target, **SETTINGS))
         return cls(label, target, traits)
 
     def build(self, client_ranks: Mapping[int, int] | None = None) -> Strategy:
-        return build_strategy(self.target, **SETTINGS, client_ranks=dict(client_ranks or {}))
+        """A fresh strategy, handed ``client_ranks`` as the server wing does after discovery."""
+        strategy = build_strategy(self.target, **SETTINGS)
+        hand_client_ranks(strategy, client_ranks or {})
+        return strategy
 
     def configure(
         self, global_: Tensors, client_ranks: Mapping[int, int] | None = None

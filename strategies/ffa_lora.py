@@ -13,7 +13,6 @@ implies; this strategy is FedAvg over what arrives and refuses arrays that carry
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import ClassVar
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -21,6 +20,7 @@ from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAvg
 
 from strategies.lora_exact import LORA_A, LoraLayoutError
+from strategies.traits import StrategyTraits
 
 HINT = (
     "FFA-LoRA keeps lora_A frozen at its shared seeded initialisation and exchanges only lora_B: "
@@ -35,9 +35,9 @@ def _lora_a_key(keys: Iterable[str]) -> str | None:
 class FFALoRA(FedAvg):
     """FedAvg over ``lora_B`` (+ ordinary tensors) with A frozen on the clients; rejects A factors."""
 
-    supports_heterogeneous_ranks = False  # B_k must have one shape to be averaged
-    # Conformance: B-only layout; the product s * B @ A_shared is averaged exactly.
-    conformance_traits: ClassVar[dict[str, object]] = {"layout": "b-only", "lora": "product"}
+    # B_k must have one shape to be averaged (no heterogeneous ranks). Conformance: B-only
+    # layout; the product s * B @ A_shared is averaged exactly.
+    traits = StrategyTraits(conformance={"layout": "b-only", "lora": "product"})
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -26,7 +26,6 @@ so every client starts from (a slice of) the server's seeded LoRA init.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import ClassVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -48,6 +47,7 @@ from strategies.lora_exact import (
     truncate_factors,
     weighted_mean,
 )
+from strategies.traits import StrategyTraits
 
 
 class FlexLoRA(FedAvg):
@@ -68,10 +68,10 @@ class FlexLoRA(FedAvg):
         The global rank ``R`` of each LoRA module, from the last ``configure_train``.
     """
 
-    supports_heterogeneous_ranks = True
     # Each node gets its own rank's tensors: wrappers that send one global to all cannot apply.
-    rewrites_arrays = True
-    conformance_traits: ClassVar[dict[str, object]] = {"lora": "product", "truncates": True}
+    traits = StrategyTraits(
+        heterogeneous_ranks=True, rewrites_arrays=True, conformance={"lora": "product", "truncates": True}
+    )
 
     def __init__(
         self,
@@ -104,13 +104,18 @@ class FlexLoRA(FedAvg):
         if not lora_alpha > 0:
             raise ValueError(f"lora_alpha must be > 0, got {lora_alpha}")
         self.lora_alpha = float(lora_alpha)
-        self.client_ranks = client_ranks  # kept by reference: the server app fills it later
+        self.client_ranks = dict(client_ranks or {})
         self.max_ranks: dict[str, int] = {}
+
+    def set_client_ranks(self, ranks: Mapping[int, int]) -> None:
+        """The ranks the nodes announced at discovery (:class:`strategies.traits.UsesClientRanks`);
+        handed over again on every start, so a resumed run has this engine's node ids."""
+        self.client_ranks = dict(ranks)
 
     # ------------------------------------------------------------------ downlink
     def rank_of(self, node_id: int, global_rank: int) -> int:
         """The LoRA rank of ``node_id`` (``global_rank`` when it is not in ``client_ranks``)."""
-        if self.client_ranks is None or node_id not in self.client_ranks:
+        if node_id not in self.client_ranks:
             return global_rank
         return int(self.client_ranks[node_id])
 

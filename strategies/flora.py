@@ -29,7 +29,6 @@ seeded init (B = 0), so its reply's ``s_k B_k @ A_k`` is exactly its round updat
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import ClassVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -53,6 +52,7 @@ from strategies.lora_exact import (
     stack_factors,
     weighted_mean,
 )
+from strategies.traits import StrategyTraits
 
 
 class FLoRA(FedAvg):
@@ -72,10 +72,8 @@ class FLoRA(FedAvg):
         the round's client updates onto it.
     """
 
-    supports_heterogeneous_ranks = True
     # Replies are factors while the downlink is merged: wrappers that take reply - sent cannot apply.
-    rewrites_arrays = True
-    conformance_traits: ClassVar[dict[str, object]] = {"lora": "merged"}
+    traits = StrategyTraits(heterogeneous_ranks=True, rewrites_arrays=True, conformance={"lora": "merged"})
 
     def __init__(
         self,

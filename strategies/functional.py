@@ -9,13 +9,14 @@ order replies arrive in never matters), ``weights`` their ``num-examples``::
 
     # mystrategies.py
     import numpy as np
+    from strategies.traits import StrategyTraits
 
     def median(updates, weights):
         """Coordinate-wise median of the clients' tensors (the weights are ignored)."""
         return {k: np.median(np.stack([u[k] for u in updates]), axis=0) for k in updates[0]}
 
     # What the conformance suite should expect (python -m strategies.conformance mystrategies:median).
-    median.conformance_traits = {"kind": "robust", "weighted": False}
+    median.traits = StrategyTraits(conformance={"kind": "robust", "weighted": False})
 
 (b) explicit state, FedJAX-style: an object, class or module with ``init(params) -> state``
 and ``apply(state, params, updates, weights) -> (new_params, new_state)``; ``params`` is
@@ -24,7 +25,7 @@ the global model the round started from, and the state lives on the server only:
     class ServerMomentum:
         """FedAvg with server momentum (Hsu et al., 2019); the state is the momentum buffer."""
 
-        conformance_traits = {"kind": "server-optimizer"}
+        traits = StrategyTraits(conformance={"kind": "server-optimizer"})
 
         def __init__(self, momentum: float = 0.9):
             self.momentum = momentum
@@ -65,6 +66,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAvg
+
+from strategies.traits import declared_traits
 
 Tensors = dict[str, np.ndarray]
 AggregateFn = Callable[[Sequence[Tensors], Sequence[float]], Mapping[str, np.ndarray]]
@@ -176,9 +179,7 @@ class FunctionalStrategy(FedAvg):
             raise TypeError(f"{impl!r} is neither an aggregate(updates, weights) function nor has init/apply")
         self.impl = impl
         self.name = getattr(impl, "__qualname__", None) or type(impl).__name__
-        traits = getattr(impl, "conformance_traits", None)
-        if traits is not None:
-            self.conformance_traits = traits
+        self.traits = declared_traits(impl)
         self.state: Any = None
         self.params: Tensors | None = None
         self._initialised = False
@@ -250,7 +251,7 @@ def functional_factory(obj: Any) -> Callable[..., FunctionalStrategy] | None:
     base = [p for name, p in inspect.signature(FunctionalStrategy).parameters.items() if name != "impl"]
     base_names = {p.name for p in base}
     own = {k: p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for k, p in own.items() if k not in base_names}
-    traits = getattr(obj, "conformance_traits", None)
+    traits = declared_traits(obj)
 
     def factory(**kwargs: Any) -> FunctionalStrategy:
         mine = {k: kwargs.pop(k) for k in list(kwargs) if k in own}
@@ -262,8 +263,7 @@ def functional_factory(obj: Any) -> Callable[..., FunctionalStrategy] | None:
             impl = obj
         strategy = FunctionalStrategy(impl, **kwargs)
         strategy.name = getattr(obj, "__qualname__", None) or type(obj).__name__
-        if traits is not None:
-            strategy.conformance_traits = traits
+        strategy.traits = traits  # a partial of obj does not carry obj's attributes
         return strategy
 
     factory.__signature__ = inspect.Signature([*base, *own.values()])  # type: ignore[attr-defined]

@@ -7,10 +7,11 @@ factory returning a Strategy, a plain ``aggregate(updates, weights)`` function o
 object/class with ``init``/``apply`` (see :mod:`strategies.functional`).
 
 :func:`build_strategy` takes two kinds of keyword arguments: the app's *settings*
-(sampling, ``lora_alpha``, ``client_ranks``), offered to every strategy and left out
-where its constructor does not take them, so a user class only declares what it needs;
+(sampling, ``lora_alpha``), offered to every strategy and left out where its
+constructor does not take them, so a user class only declares what it needs;
 and the user's ``strategy.kwargs`` (``"name=value,..."``), which are strict: a name the constructor does not
-accept is an error naming the config key.
+accept is an error naming the config key.  What the nodes announce at discovery (their
+LoRA ranks) reaches a strategy later, through :class:`strategies.traits.UsesClientRanks`.
 """
 
 from __future__ import annotations

@@ -7,11 +7,15 @@ calls it changes, so it composes with any strategy, Flower's or a user's.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
+from strategies.traits import wrapper_chain
+
+__all__ = ["StrategyWrapper", "wrapper_chain"]
 
 
 class StrategyWrapper(Strategy):
@@ -40,16 +44,3 @@ class StrategyWrapper(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.inner.aggregate_evaluate(server_round, replies)
-
-
-def wrapper_chain(strategy: Strategy) -> Iterator[Strategy]:
-    """``strategy``, then each strategy it wraps, outermost first.
-
-    Follows ``inner`` (these wrappers) and ``strategy`` (Flower's DP wrappers).
-    """
-    seen: set[int] = set()
-    current: object = strategy
-    while isinstance(current, Strategy) and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = getattr(current, "inner", None) or getattr(current, "strategy", None)

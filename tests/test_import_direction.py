@@ -1,6 +1,7 @@
 """Imports flow one way: only the apps (and the launcher/CLI that start them) wire things up.
 
-``strategies`` and the ``fedpeft`` core never import the apps; ``strategies`` knows nothing
+``strategies`` and the ``fedpeft`` core never import the apps; the core never imports the
+server wing (``fedpeft.server``), which never imports the apps; ``strategies`` knows nothing
 of fedpeft; only ``fedpeft.models`` imports peft; only the launcher touches Flower's
 simulation engine.
 """
@@ -46,5 +47,10 @@ def test_import_direction(module, path):
         assert not {i for i in imports if _under(i, {"peft"})}, (
             f"{module} imports peft outside fedpeft.models"
         )
+    if not _under(module, APP_LAYER | {"fedpeft.server"}):
+        bad = {i for i in imports if _under(i, {"fedpeft.server"})}
+        assert not bad, f"{module} (core) imports the server wing: {bad}"
+    if _under(module, {"fedpeft.server"}):
+        assert not {i for i in imports if _under(i, {"fedpeft.apps"})}, f"{module} imports the apps"
     if module != "fedpeft.launch":
         assert not {i for i in imports if _under(i, {"flwr.simulation"})}, f"{module} starts simulations"

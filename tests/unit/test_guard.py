@@ -11,9 +11,9 @@ from flwr.serverapp.strategy import FedAvg
 from fedpeft.apps import client_app
 from fedpeft.apps.server_app import run_server
 from fedpeft.config import RunConfig
-from fedpeft.guard import UpdateGuard
-from fedpeft.rejections import RejectionLog
 from fedpeft.results import read_rounds
+from fedpeft.server.guard import UpdateGuard
+from fedpeft.server.rejections import RejectionLog
 from fedpeft.testing import DirectGrid
 from strategies.conformance import ToyGrid, make_reply
 

@@ -82,3 +82,34 @@ def test_report_of_nothing_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "no run folders" in capsys.readouterr().err
+
+
+def test_strategy_metrics_are_offered_per_run_and_per_group(tmp_path):
+    for seed, value in ((0, 2.0), (1, 4.0)):
+        w = ResultsWriter(tmp_path / f"s{seed}")
+        w.write_config({"seed": seed, "run-name": f"s{seed}", "results-dir": "x"})
+        w.add_round(RoundRecord(0, 0.2, 1.0, None, [], wall_seconds=1.0))
+        metrics = {"train.server-lr": value, "train.history": [1.0, 2.0]}
+        w.add_round(RoundRecord(1, 0.5, 1.0, None, [_client(1000, 2000)], 1.0, strategy_metrics=metrics))
+    runs = [summarize(p) for p in find_runs([tmp_path])]
+    assert [r.strategy_metrics for r in runs] == [{"train.server-lr": 2.0}, {"train.server-lr": 4.0}]
+    (group,) = group_runs(runs)
+    assert group.metric_stat("train.server-lr") == (3.0, pytest.approx(math.sqrt(2.0)), 2)
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
+    with (tmp_path / "rep" / "runs.csv").open() as fh:
+        assert [row["strategy.train.server-lr"] for row in csv.DictReader(fh)] == ["2.0", "4.0"]
+    assert "train.server-lr" in (tmp_path / "rep" / "report.md").read_text()
+    header = (tmp_path / "s0" / "rounds.csv").read_text().splitlines()[0]
+    assert header.split(",")[-1] == "strategy_metrics"
+
+
+def test_folders_written_before_strategy_metrics_still_report(tmp_path):
+    run = _run(tmp_path / "old", [0.2, 0.6])
+    lines = (run / "rounds.jsonl").read_text().splitlines()
+    import json
+
+    old = [
+        json.dumps({k: v for k, v in json.loads(line).items() if k != "strategy_metrics"}) for line in lines
+    ]
+    (run / "rounds.jsonl").write_text("\n".join(old) + "\n")
+    assert summarize(run).strategy_metrics == {}

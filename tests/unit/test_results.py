@@ -241,7 +241,7 @@ def test_versions_json(tmp_path: Path) -> None:
 
 
 def test_error_reasons_read_the_same_on_every_engine():
-    from fedpeft.metering import describe_error
+    from fedpeft.server.meter import describe_error
 
     ray = (
         "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() (pid=26338, "

@@ -7,9 +7,10 @@ import pytest
 from flwr.common.serde import message_to_proto
 
 from fedpeft.apps import client_app as client_module
-from fedpeft.apps.server_app import ClientDiscoveryError, run_server
+from fedpeft.apps.server_app import run_server
 from fedpeft.config import RunConfig
 from fedpeft.results import read_rounds
+from fedpeft.server.discovery import ClientDiscoveryError
 from fedpeft.testing import DirectGrid, seeded_node_ids
 
 
@@ -137,16 +138,16 @@ def test_discovery_fails_clearly_when_clients_are_missing(tiny_cfg):
 
 
 def test_discovery_asks_in_batches_and_finds_every_node(tiny_cfg, monkeypatch):
-    from fedpeft.apps import server_app
-    from fedpeft.metering import MeteredGrid
+    from fedpeft.server import discovery
+    from fedpeft.server.meter import MeteredGrid
 
-    monkeypatch.setattr(server_app, "DISCOVERY_BATCH", 2)  # 3 nodes: batches of 2 and 1
+    monkeypatch.setattr(discovery, "DISCOVERY_BATCH", 2)  # 3 nodes: batches of 2 and 1
     grid = MeteredGrid(DirectGrid(client_module.app, tiny_cfg.num_clients, tiny_cfg.to_run_config()))
     pushed = []
     push = grid.push_messages
     monkeypatch.setattr(
         grid, "push_messages", lambda msgs: pushed.append(len(msgs := list(msgs))) or push(msgs)
     )
-    described = server_app.discover_clients(grid, tiny_cfg)
+    described = discovery.describe_nodes(grid, tiny_cfg)
     assert pushed == [2, 1]
     assert sorted(int(m["partition-id"]) for m in described.values()) == [0, 1, 2]

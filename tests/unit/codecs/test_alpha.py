@@ -7,7 +7,7 @@ import pytest
 from flwr.app import ConfigRecord, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
-from fedpeft.codecs.alpha import AlphaSearch
+from fedpeft.server.alpha import AlphaSearch
 from fedpeft.wire import from_record, to_record
 
 

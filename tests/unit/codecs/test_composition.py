@@ -14,6 +14,7 @@ from fedpeft.config import RunConfig
 from fedpeft.results import read_rounds
 from fedpeft.testing import DirectGrid
 from strategies import STRATEGIES, build_strategy, resolve_strategy
+from strategies.traits import declared_traits
 
 SMALL = {
     "num-clients": 3,
@@ -33,7 +34,7 @@ SMALL = {
 
 # FlexLoRA and FLoRA send per-node / merged layouts, which the codec refuses up front
 # (tests/unit/test_lora_strategies_flow.py); every other strategy composes with it.
-COMPOSABLE = sorted(n for n in STRATEGIES if not getattr(resolve_strategy(n), "rewrites_arrays", False))
+COMPOSABLE = sorted(n for n in STRATEGIES if not declared_traits(resolve_strategy(n)).rewrites_arrays)
 
 
 @pytest.mark.parametrize("name", COMPOSABLE)

@@ -1,7 +1,5 @@
 """Every registered strategy against the conformance suite, and the suite against known-bad strategies."""
 
-from typing import ClassVar
-
 import numpy as np
 import pytest
 from flwr.serverapp.strategy import FedAvg
@@ -9,6 +7,7 @@ from flwr.serverapp.strategy import FedAvg
 from strategies import STRATEGIES, FlexLoRA, FLoRA
 from strategies.conformance import PROPERTIES, Subject, Traits, check, main, run_conformance
 from strategies.functional import dict_to_record, record_to_dict
+from strategies.traits import StrategyTraits
 
 
 @pytest.mark.parametrize("prop", list(PROPERTIES))
@@ -34,7 +33,7 @@ def test_the_lora_strategies_are_checked_not_skipped():
 class ArrivalOrder(FedAvg):
     """Keeps the first reply as it arrived: order-dependent."""
 
-    conformance_traits: ClassVar[dict[str, object]] = {"kind": "robust", "weighted": False}
+    traits = StrategyTraits(conformance={"kind": "robust", "weighted": False})
 
     def aggregate_train(self, server_round, replies):
         replies = list(replies)
@@ -53,7 +52,7 @@ class Unweighted(FedAvg):
 
 
 class ClaimsHeterogeneous(FedAvg):
-    supports_heterogeneous_ranks = True
+    traits = StrategyTraits(heterogeneous_ranks=True)
 
 
 class UnscaledFlexLoRA(FlexLoRA):
@@ -70,7 +69,7 @@ class UnscaledFlexLoRA(FlexLoRA):
 class FactorAverage(FedAvg):
     """FedAvg claiming LoRA-exact products (true only when A is shared)."""
 
-    conformance_traits: ClassVar[dict[str, object]] = {"lora": "product"}
+    traits = StrategyTraits(conformance={"lora": "product"})
 
 
 class TransposedDenseFLoRA(FLoRA):
@@ -131,7 +130,7 @@ def test_flexlora_without_its_truncation_trait_fails_beyond_rank():
 
 def test_bad_declared_traits_are_reported():
     class Odd(FedAvg):
-        conformance_traits: ClassVar[dict[str, object]] = {"kind": "mode"}
+        traits = StrategyTraits(conformance={"kind": "mode"})
 
     with pytest.raises(ValueError, match="kind='mode'"):
         Subject.of(Odd)

@@ -1,7 +1,5 @@
 """A strategy written as a function or as init/apply: adapters, registry paths, conformance."""
 
-from typing import ClassVar
-
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord
@@ -9,6 +7,7 @@ from flwr.app import ConfigRecord
 from strategies import FunctionalStrategy, StrategyError, build_strategy, resolve_strategy
 from strategies.conformance import NODES, ToyGrid, make_reply, run_conformance
 from strategies.functional import dict_to_record, is_aggregate_fn, record_to_dict
+from strategies.traits import StrategyTraits
 
 
 def median(updates, weights):
@@ -16,7 +15,7 @@ def median(updates, weights):
     return {k: np.median(np.stack([u[k] for u in updates]), axis=0) for k in updates[0]}
 
 
-median.conformance_traits = {"kind": "robust", "weighted": False}
+median.traits = StrategyTraits(conformance={"kind": "robust", "weighted": False})
 
 
 def weighted_mean(updates, weights, damping=1.0):
@@ -34,7 +33,7 @@ def first_reply(updates, weights):
 class ServerMomentum:
     """FedJAX-style explicit state: the momentum buffer."""
 
-    conformance_traits: ClassVar[dict[str, object]] = {"kind": "server-optimizer"}
+    traits = StrategyTraits(conformance={"kind": "server-optimizer"})
 
     def __init__(self, momentum: float = 0.9):
         self.momentum = momentum

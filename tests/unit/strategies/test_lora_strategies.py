@@ -20,6 +20,7 @@ from strategies.conformance import (
     toy_global,
 )
 from strategies.functional import dict_to_record, record_to_dict
+from strategies.traits import UsesClientRanks, hand_client_ranks
 
 FACTORS = Traits(lora="product")
 SETTINGS = {"min_train_nodes": 4, "min_available_nodes": 4, "min_evaluate_nodes": 4, "lora_alpha": ALPHA}
@@ -41,10 +42,11 @@ def _best(matrix, rank):
 
 
 # ---------------------------------------------------------------------- FlexLoRA
-def test_flexlora_sends_each_node_its_own_rank_from_the_live_mapping():
-    ranks = {}
-    s = FlexLoRA(**SETTINGS, client_ranks=ranks)
-    ranks.update({11: 1, 7: 2})  # filled after construction, as the server app does at discovery
+def test_flexlora_sends_each_node_its_own_rank_handed_over_at_discovery():
+    ranks = {11: 1, 7: 2}
+    s = FlexLoRA(**SETTINGS)
+    assert isinstance(s, UsesClientRanks)
+    hand_client_ranks(s, ranks)  # after construction, as the server wing does at discovery
     global_, _ = toy_global(FACTORS, trained=True)
     messages = _configure(s, global_)
     assert len({id(m.content) for m in messages}) == len({id(m.content["arrays"]) for m in messages}) == 4

@@ -2,6 +2,7 @@ import pytest
 from flwr.serverapp.strategy import FedAdam, FedAvg, Strategy
 
 from strategies import STRATEGIES, StrategyError, build_strategy, resolve_strategy
+from strategies.traits import hand_client_ranks
 
 SETTINGS = {
     "fraction_train": 0.5,
@@ -52,9 +53,10 @@ def test_lora_strategies_are_registered_with_citations():
 
 def test_app_settings_reach_only_the_strategies_that_take_them():
     ranks = {5: 2}
-    flex = build_strategy("flexlora", **SETTINGS, lora_alpha=8.0, client_ranks=ranks)
-    assert flex.lora_alpha == 8.0 and flex.client_ranks is ranks  # the live mapping, not a copy
-    assert isinstance(build_strategy("fedavg", **SETTINGS, lora_alpha=8.0, client_ranks=ranks), FedAvg)
+    flex = build_strategy("flexlora", **SETTINGS, lora_alpha=8.0)
+    hand_client_ranks(flex, ranks)  # what the server wing does after discovery
+    assert flex.lora_alpha == 8.0 and flex.client_ranks == ranks
+    assert isinstance(build_strategy("fedavg", **SETTINGS, lora_alpha=8.0), FedAvg)
 
 
 def test_user_kwargs_reach_the_constructor():

@@ -18,8 +18,6 @@ from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord
 
-from fedpeft.metering import Exchange, MeteredGrid
-from fedpeft.rejections import RejectionLog
 from fedpeft.results import (
     ClientRecord,
     ResultsWriter,
@@ -28,6 +26,8 @@ from fedpeft.results import (
     mean_train_loss,
 )
 from fedpeft.runtime import derive_seed
+from fedpeft.server.meter import Exchange, MeteredGrid
+from fedpeft.server.rejections import RejectionLog
 
 EvaluateFn = Callable[[ArrayRecord], tuple[float, float]]  # arrays -> (loss, accuracy)
 
@@ -45,7 +45,7 @@ class RoundRecorder:
         num_rounds: int,
         partition_of: dict[int, int],
         rejections: RejectionLog | None = None,
-        privacy: Callable[[int], dict[str, Any]] | None = None,
+        figures: Callable[[int], dict[str, Any]] | None = None,
         echo: Callable[[str], None] = print,
         after_round: Callable[[int, ArrayRecord], None] | None = None,
         offset: int = 0,
@@ -59,7 +59,7 @@ class RoundRecorder:
         self.partition_of = partition_of
         self.echo = echo
         self.rejections = rejections or RejectionLog()
-        self.privacy = privacy
+        self.figures = figures  # round -> more fields of its record (privacy, alpha, strategy)
         # Called with each finished round's global tensors (the checkpoint is written there).
         self.after_round = after_round
         # A resumed run: Flower's Strategy.start counts from 1 again; rounds are offset + n.
@@ -98,7 +98,7 @@ class RoundRecorder:
             train_loss=mean_train_loss(clients) if server_round > 0 else None,
             clients=clients,
             wall_seconds=now - self._t_round,
-            **(self.privacy(server_round) if self.privacy else {}),
+            **(self.figures(server_round) if self.figures else {}),
         )
         self.writer.add_round(record)
         self.echo(format_round_line(record, self.num_rounds))

@@ -14,7 +14,7 @@ Flower's fixed-clipping accounting also assumes).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -28,24 +28,27 @@ from flwr.serverapp.strategy import (
 
 from fedpeft.config import ConfigError, DPConfig
 from fedpeft.privacy import Ledger, RoundPlan, epsilon
-from fedpeft.rejections import RejectionLog
+from fedpeft.server.rejections import RejectionLog
 from strategies.wrapper import StrategyWrapper
 
 
 class PrivacyBudget(StrategyWrapper):
     """Keep every client's epsilon within ``dp.epsilon-budget``; mirror their ledgers."""
 
-    def __init__(
-        self, inner: Strategy, dp: DPConfig, plans: dict[int, RoundPlan], rejections: RejectionLog
-    ) -> None:
+    def __init__(self, inner: Strategy, dp: DPConfig, rejections: RejectionLog) -> None:
         super().__init__(inner)
         self.dp = dp
-        self.plans = plans  # node id -> cost of one round (announced at discovery)
+        self.plans: dict[int, RoundPlan] = {}  # node id -> cost of one round (see set_plans)
         self.rejections = rejections
         self.ledgers: dict[int, Ledger] = {}
 
-    def remap_nodes(self, mapping: dict[int, int]) -> None:
-        """New node ids after a resume (``fedpeft.checkpoint``): the mirrored ledgers follow."""
+    def set_plans(self, plans: Mapping[int, RoundPlan]) -> None:
+        """What one round costs each node, as the nodes announced it at discovery (this
+        engine's node ids: handed over again on every start)."""
+        self.plans = dict(plans)
+
+    def remap_nodes(self, mapping: Mapping[int, int]) -> None:
+        """New node ids after a resume (:func:`strategies.traits.remap_nodes`): the mirrored ledgers follow."""
         self.ledgers = {mapping[n]: led for n, led in self.ledgers.items() if n in mapping}
 
     def epsilons(self) -> dict[int, float]:

@@ -4,14 +4,14 @@
 reply against what that node was sent: the same tensor names, the same shapes, floating
 point, every value finite, and -- when ``strategy.max-update-norm`` is set -- an update
 ``reply - sent`` whose L2 norm stays within the bound.  A reply that fails is left out of
-the round and recorded (node and reason) in the :class:`~fedpeft.rejections.RejectionLog`,
+the round and recorded (node and reason) in the :class:`~fedpeft.server.rejections.RejectionLog`,
 so the round goes on with the others and the round record says who was refused and why.
 With fewer than ``min-replies`` usable replies the round leaves the global model as it was.
 
 It sits inside the codec wrapper (it sees decoded dense tensors) and outside Flower's
 central-DP wrappers (a NaN must never reach clipping, which would spread it).
 Strategies that change the layout between what they send and what comes back (FLoRA's
-merged form, FlexLoRA's per-rank tensors declare ``rewrites_arrays``) keep their own
+merged form, FlexLoRA's per-rank tensors declare ``StrategyTraits.rewrites_arrays``) keep their own
 layout checks; the guard then checks only that every value is finite.
 """
 
@@ -26,9 +26,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedpeft.crash import crash_point
-from fedpeft.rejections import RejectionLog
+from fedpeft.server.rejections import RejectionLog
 from fedpeft.wire import ARRAYS_KEY, from_record
-from strategies.wrapper import StrategyWrapper, wrapper_chain
+from strategies.traits import traits_of
+from strategies.wrapper import StrategyWrapper
 
 log = logging.getLogger("fedpeft")
 
@@ -43,7 +44,7 @@ class UpdateGuard(StrategyWrapper):
         self.rejections = rejections
         self.max_update_norm = max_update_norm
         self.min_replies = min_replies
-        self.layout_checks = not getattr(list(wrapper_chain(inner))[-1], "rewrites_arrays", False)
+        self.layout_checks = not traits_of(inner).rewrites_arrays
         self._sent: dict[int, dict[str, np.ndarray]] = {}  # node -> tensors of its train message
 
     def configure_train(

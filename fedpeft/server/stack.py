@@ -1,0 +1,124 @@
+"""The strategy stack: the configured strategy inside this project's wrappers, and the
+state the server checkpoints.
+
+Order, innermost first (one function, :func:`strategy_stack`, decides it):
+
+1. the strategy itself (registry name, ``module:Name``, functional);
+2. Flower's central DP wrapper (``dp.mode`` central / both): clips decoded dense updates,
+   so it sits inside the codec;
+3. :class:`~fedpeft.server.guard.UpdateGuard`: drops broken updates (NaN, wrong names or
+   shapes, norms past the bound) before DP or the strategy sees them;
+4. :class:`~fedpeft.server.alpha.AlphaSearch` (``codec.alpha-search``): the server step
+   tuned on validation data;
+5. :class:`~fedpeft.server.transport.CompressedTransport` (a codec is set);
+6. :class:`~fedpeft.server.budget.PrivacyBudget` (local DP): it sees every reply, also
+   one the codec then rejects;
+7. :class:`~fedpeft.server.tap.StrategyMetricsTap`: outermost, keeps what the stack
+   returns from aggregation for the round record.
+
+The byte meter is not a strategy wrapper: it wraps the Grid
+(:class:`~fedpeft.server.meter.MeteredGrid`), outside everything, so it counts what
+crosses the wire after the codec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from flwr.serverapp.strategy import Strategy
+
+from fedpeft.config import ConfigError, RunConfig
+from fedpeft.privacy import RoundPlan
+from fedpeft.server.alpha import AlphaSearch
+from fedpeft.server.budget import PrivacyBudget, central_dp
+from fedpeft.server.guard import UpdateGuard
+from fedpeft.server.rejections import RejectionLog
+from fedpeft.server.tap import StrategyMetricsTap
+from fedpeft.server.transport import CompressedTransport
+from strategies import build_strategy
+from strategies.traits import hand_client_ranks, traits_of, wrapper_chain
+
+
+@dataclass
+class ServerState:
+    """The strategy stack and the objects it shares with the app; checkpointed as one."""
+
+    strategy: StrategyMetricsTap  # the outermost layer
+    budget: PrivacyBudget | None
+    rejections: RejectionLog
+
+    @classmethod
+    def fresh(cls, cfg: RunConfig) -> ServerState:
+        rejections = RejectionLog()
+        strategy, budget = strategy_stack(cfg, rejections)
+        return cls(StrategyMetricsTap(strategy), budget, rejections)
+
+    def hand_discovery(self, ranks: Mapping[int, int], plans: Mapping[int, RoundPlan]) -> None:
+        """What the nodes announced at discovery, to the layers that need it (this engine's
+        node ids: on a resume, after the restart)."""
+        hand_client_ranks(self.strategy, ranks)
+        if self.budget is not None:
+            self.budget.set_plans(plans)
+
+    def alpha_search(self) -> AlphaSearch | None:
+        """The stack's alpha search (``codec.alpha-search``), if any."""
+        return next((s for s in wrapper_chain(self.strategy) if isinstance(s, AlphaSearch)), None)
+
+
+def sampled_per_round(cfg: RunConfig) -> int:
+    """How many clients FedAvg-style sampling picks per round."""
+    return max(int(cfg.num_clients * cfg.fraction_train), cfg.min_train_clients)
+
+
+def strategy_stack(cfg: RunConfig, rejections: RejectionLog) -> tuple[Strategy, PrivacyBudget | None]:
+    """The configured strategy inside its wrappers (order: the module docstring, up to the
+    budget; :class:`ServerState` adds the tap), and the privacy budget among them (None
+    without local DP)."""
+    strategy = build_strategy(
+        cfg.strategy.name,
+        user_kwargs=cfg.strategy.kwarg_dict(),
+        fraction_train=cfg.fraction_train,
+        min_train_nodes=cfg.min_train_clients,
+        min_available_nodes=cfg.num_clients,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_evaluate_nodes=1,
+        lora_alpha=cfg.lora.alpha,
+    )
+    check_compatible(cfg, strategy)
+    if cfg.dp.mode in ("central", "both"):
+        strategy = central_dp(strategy, cfg.dp, sampled_per_round(cfg))
+    strategy = UpdateGuard(strategy, rejections, cfg.strategy.max_update_norm, cfg.min_replies)
+    if cfg.server_tunes():
+        strategy = AlphaSearch(strategy, cfg.codec.alpha_candidates())
+    if cfg.codec.active():
+        strategy = CompressedTransport(strategy, cfg.codec, rejections)
+    budget = None
+    if cfg.dp.mode in ("local", "both"):
+        strategy = budget = PrivacyBudget(strategy, cfg.dp, rejections)
+    return strategy, budget
+
+
+def check_compatible(cfg: RunConfig, strategy: Strategy) -> None:
+    """Refuse combinations the strategy cannot serve (by its declared traits), before
+    anything starts."""
+    name = cfg.strategy.name
+    traits = traits_of(strategy)
+    if cfg.heterogeneous_ranks() and not traits.heterogeneous_ranks:
+        raise ConfigError(
+            f"config key 'lora.ranks' gives clients different ranks, which strategy {name!r} cannot "
+            "aggregate (shapes differ); use strategy.name = 'flexlora' or 'flora'"
+        )
+    if traits.rewrites_arrays:
+        # The codec and Flower's central-DP wrappers compute updates as reply - what was sent,
+        # which needs the same tensors both ways; these strategies change the layout per node.
+        if cfg.codec.active():
+            raise ConfigError(
+                f"strategy {name!r} sends per-node / merged LoRA layouts, which the codec does not "
+                "handle yet; set codec.name = 'none' and codec.downlink = 'none'"
+            )
+        if cfg.dp.mode in ("central", "both"):
+            raise ConfigError(
+                f"strategy {name!r} changes the tensor layout between rounds, which Flower's central "
+                "DP wrappers cannot clip; use dp.mode = 'local'"
+            )

@@ -1,0 +1,151 @@
+"""What a strategy or wrapper declares about itself, in one typed place.
+
+The server wing and the conformance suite ask these questions of every layer of a
+strategy stack; before, each read a differently named attribute with ``getattr`` and a
+default.  Now:
+
+* :class:`StrategyTraits` -- declared facts: serves heterogeneous LoRA ranks, rewrites the
+  arrays it sends per node, and what the conformance suite should expect of it.  A strategy
+  class (or a functional strategy's function / init-apply object) sets
+  ``traits = StrategyTraits(...)``; :func:`traits_of` reads it, defaults when absent.
+* :class:`UsesClientRanks` -- a layer that sends each node its own rank is handed the
+  ranks the nodes announced at discovery (:func:`hand_client_ranks`), instead of a dict
+  filled in place behind its back.
+* :class:`RemapsNodes` -- a layer with per-node state renames node ids after a restart
+  (a new engine gives the same partitions new ids).
+* :func:`inner_of` / :func:`wrapper_chain` -- the strategy a wrapper wraps: this project's
+  :class:`~strategies.wrapper.StrategyWrapper` (``inner``) and Flower's DP wrappers
+  (``strategy``), the only two wrapper families there are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Protocol, runtime_checkable
+
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    Strategy,
+)
+
+#: Flower's wrappers keep the wrapped strategy as ``.strategy``.
+FLOWER_WRAPPERS = (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+)
+#: Attribute names of the duck-typed declarations this module replaced.
+LEGACY_NAMES = ("conformance_traits", "supports_heterogeneous_ranks", "rewrites_arrays")
+
+
+@dataclass(frozen=True)
+class StrategyTraits:
+    """What a strategy declares about itself.
+
+    heterogeneous_ranks: aggregates clients whose LoRA factors have different ranks
+        (FlexLoRA, FLoRA); other strategies need one shape per tensor.
+    rewrites_arrays: sends per-node or merged layouts, so "reply - what was sent" is not an
+        update of the global's tensors (the codec and Flower's central DP refuse it; the
+        update guard skips its layout checks).
+    conformance: what :mod:`strategies.conformance` should expect, as keyword arguments of
+        its ``Traits`` (``kind``, ``weighted``, ``layout``, ``lora``, ``truncates``).
+    """
+
+    heterogeneous_ranks: bool = False
+    rewrites_arrays: bool = False
+    conformance: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "conformance", MappingProxyType(dict(self.conformance)))
+
+
+DEFAULT_TRAITS = StrategyTraits()
+
+
+def declared_traits(obj: object) -> StrategyTraits:
+    """The ``traits`` ``obj`` declares (a strategy, or what a functional strategy wraps)."""
+    legacy = [name for name in LEGACY_NAMES if name in _own_attributes(obj)]
+    if legacy:
+        raise TypeError(
+            f"{_label(obj)} declares {', '.join(legacy)}; declare "
+            "`traits = strategies.traits.StrategyTraits(...)` instead (heterogeneous_ranks, "
+            "rewrites_arrays, conformance={...})"
+        )
+    traits = getattr(obj, "traits", DEFAULT_TRAITS)
+    if not isinstance(traits, StrategyTraits):
+        raise TypeError(f"{_label(obj)}.traits is a {type(traits).__name__}, not a StrategyTraits")
+    return traits
+
+
+def traits_of(strategy: Strategy) -> StrategyTraits:
+    """The traits of the strategy at the core of ``strategy``'s wrappers (wrappers pass through)."""
+    return declared_traits(list(wrapper_chain(strategy))[-1])
+
+
+@runtime_checkable
+class UsesClientRanks(Protocol):
+    """A layer that sends each node a LoRA rank of its own."""
+
+    def set_client_ranks(self, ranks: Mapping[int, int]) -> None:
+        """``node id -> rank``, as the nodes announced them (a copy: the caller keeps its own)."""
+
+
+@runtime_checkable
+class RemapsNodes(Protocol):
+    """A layer that keeps per-node state, renamed when the nodes get new ids on resume."""
+
+    def remap_nodes(self, mapping: Mapping[int, int]) -> None:
+        """``old node id -> new node id`` for every node that serves the same partition."""
+
+
+def inner_of(strategy: Strategy) -> Strategy | None:
+    """The strategy ``strategy`` wraps, or None for a strategy that wraps nothing."""
+    from strategies.wrapper import StrategyWrapper  # wrapper.py imports this module
+
+    if isinstance(strategy, StrategyWrapper):
+        return strategy.inner
+    if isinstance(strategy, FLOWER_WRAPPERS):
+        inner: Strategy = strategy.strategy
+        return inner
+    return None
+
+
+def wrapper_chain(strategy: Strategy) -> Iterator[Strategy]:
+    """``strategy``, then each strategy it wraps, outermost first."""
+    seen: set[int] = set()
+    current: Strategy | None = strategy
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = inner_of(current)
+
+
+def hand_client_ranks(strategy: Strategy, ranks: Mapping[int, int]) -> None:
+    """Give every layer that sends per-node ranks the ranks announced at discovery."""
+    for layer in wrapper_chain(strategy):
+        if isinstance(layer, UsesClientRanks):
+            layer.set_client_ranks(dict(ranks))
+
+
+def remap_nodes(strategy: Strategy, mapping: Mapping[int, int]) -> None:
+    """Rename node ids in every layer's state after a restart (a new engine, new ids)."""
+    for layer in wrapper_chain(strategy):
+        if isinstance(layer, RemapsNodes):
+            layer.remap_nodes(mapping)
+
+
+def _own_attributes(obj: object) -> set[str]:
+    names = set(getattr(obj, "__dict__", {}))
+    for klass in type(obj).__mro__ if not isinstance(obj, type) else obj.__mro__:
+        names |= set(vars(klass))
+    return names
+
+
+def _label(obj: object) -> str:
+    return str(getattr(obj, "__qualname__", None) or type(obj).__qualname__)

@@ -1,0 +1,63 @@
+"""Adding a strategy is one module and one registry line: the toy strategy gets the
+conformance suite, its declared traits are honoured, the discovery protocol hands it the
+ranks, and what it returns from aggregation lands in every round record."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedpeft.apps import client_app as client_module
+from fedpeft.apps.server_app import run_server
+from fedpeft.config import RunConfig
+from fedpeft.results import read_rounds
+from fedpeft.testing import DirectGrid
+from strategies import STRATEGIES
+from strategies.conformance import Traits, run_conformance
+from strategies.traits import UsesClientRanks, traits_of
+from tests.unit.strategies.toy_strategy import RankedFedAvg
+
+
+@pytest.fixture
+def toy_registered(monkeypatch):
+    monkeypatch.setitem(STRATEGIES, "toy-ranked", (RankedFedAvg, "fedpeft tests"))  # the registry line
+
+
+def test_toy_strategy_passes_the_conformance_suite(toy_registered):
+    outcomes = run_conformance("toy-ranked")
+    assert outcomes and all(o.status in ("pass", "skip") for o in outcomes), outcomes
+    assert {o.status for o in outcomes} >= {"pass"}
+
+
+def test_toy_strategy_declares_its_traits_and_protocols(toy_registered):
+    strategy = RankedFedAvg()
+    assert isinstance(strategy, UsesClientRanks)
+    assert not traits_of(strategy).heterogeneous_ranks
+    assert Traits.of(strategy) == Traits(kind="mean", weighted=True)
+
+
+def test_toy_strategy_runs_and_its_metrics_are_recorded(toy_registered, tmp_path):
+    cfg = RunConfig.from_run_config(
+        {
+            "num-clients": 3,
+            "num-rounds": 2,
+            "min-train-clients": 3,
+            "device": "cpu",
+            "model.max-length": 16,
+            "data.max-examples": 90,
+            "data.test-fraction": 0.2,
+            "data.partitioner": "iid",
+            "train.batch-size": 8,
+            "train.max-steps": 1,
+            "strategy.name": "toy-ranked",
+            "results-dir": str(tmp_path),
+            "run-name": "toy",
+        }
+    )
+    rounds = read_rounds(run_server(DirectGrid(client_module.app, 3, cfg.to_run_config()), cfg))
+    assert [r["num_replied"] for r in rounds[1:]] == [3, 3]
+    for r in rounds[1:]:
+        assert r["strategy_metrics"]["train.toy-known-ranks"] == 3.0  # handed over at discovery
+        assert r["strategy_metrics"]["train.toy-rank-sum"] == 3 * cfg.lora.r
+    assert rounds[0]["strategy_metrics"] == {}
+    csv_header = (tmp_path / "toy" / "rounds.csv").read_text().splitlines()[0]
+    assert csv_header.endswith("strategy_metrics")
