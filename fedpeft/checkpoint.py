@@ -32,10 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import RecordDict
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from fedpeft.crash import crash_point
+from fedpeft.flower_compat import recorddict_from_bytes, recorddict_to_bytes
 
 CHECKPOINT_FILE = "checkpoint.bin"
 CLIENT_STATE_DIR = "clients"
@@ -167,7 +166,7 @@ class ClientStateStore:
         """Keep ``state`` as of the end of ``server_round``; older files but the last go."""
         write_atomic(
             self._path(server_round),
-            recorddict_to_proto(state).SerializeToString(),
+            recorddict_to_bytes(state),
             crash_name="client-state-write",
         )
         for old in self.rounds()[:-2]:  # at most one round can be ahead of the server's checkpoint
@@ -178,9 +177,7 @@ class ClientStateStore:
         usable = [r for r in self.rounds() if r <= up_to_round]
         if not usable:
             return None
-        proto = ProtoRecordDict()
-        proto.ParseFromString(read_verified(self._path(usable[-1])))
-        return recorddict_from_proto(proto)
+        return recorddict_from_bytes(read_verified(self._path(usable[-1])))
 
 
 def prepare_resume(run_dir: Path, up_to_round: int) -> None:

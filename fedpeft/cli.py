@@ -151,8 +151,26 @@ def _deploy(args: argparse.Namespace) -> int:
     return 0 if result.traffic.exact else 1
 
 
+def _flower_problem() -> str | None:
+    """Why the installed Flower cannot run fedpeft (one line), or None when it can."""
+    try:
+        from fedpeft.flower_compat import UnsupportedFlowerVersion, check_flower_version
+    except ImportError as err:  # a Flower whose internals moved: fedpeft cannot even load them
+        from importlib.metadata import version
+
+        return f"flwr {version('flwr')} lacks an internal module fedpeft uses ({err})"
+    try:
+        check_flower_version()
+    except UnsupportedFlowerVersion as err:
+        return str(err)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("run", "sweep", "deploy") and (problem := _flower_problem()):
+        print(f"fedpeft: error: {problem}", file=sys.stderr)
+        return 2
     if args.command == "keys":
         for key, (_, fld) in sorted(config_schema().items()):
             default = ",".join(fld.default) if isinstance(fld.default, tuple) else fld.default

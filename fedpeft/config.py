@@ -345,11 +345,33 @@ def parse_kwargs(items: tuple[str, ...]) -> dict[str, ConfigValue]:
 
 
 def _scalar(raw: str) -> ConfigValue:
+    value = toml_value(raw)
+    return value if isinstance(value, (bool, int, float, str)) else raw
+
+
+def toml_value(raw: str) -> object:
+    """``raw`` read as a TOML value (``4``, ``0.5``, ``true``, ``"x"``, ``[1, 2]``), else ``raw`` itself.
+
+    The one reader of command-line and ``strategy.kwargs`` values: an unquoted word stays text.
+    """
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
+        return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return raw
-    return value if isinstance(value, (bool, int, float, str)) else raw
+
+
+def parse_set(items: list[str]) -> dict[str, ConfigValue]:
+    """``key=value`` pairs (``--set``); values parse as TOML scalars, else as plain strings."""
+    out: dict[str, ConfigValue] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        value = toml_value(raw)
+        if not isinstance(value, (bool, int, float, str)):
+            raise ConfigError(f"--set {key}: only scalars are allowed, got {raw!r}")
+        out[key.strip()] = value
+    return out
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ from typing import Any
 
 from flwr.app import Message
 
+from fedpeft import flower_compat
+
 FLEET = "/flwr.proto.Fleet/"
 MESSAGE_RPCS = ("PullMessages", "PullObject", "ConfirmMessageReceived", "PushMessages", "PushObject")
 
@@ -92,19 +94,16 @@ class FleetProbe:
     # ------------------------------------------------------------ messages
     def _track(self, method: str, request: Any, body: bytes) -> None:
         """Follow a message's objects across the RPCs that carry them."""
-        from flwr.proto.fleet_pb2 import PullMessagesResponse, PushMessagesResponse
-        from flwr.proto.message_pb2 import PullObjectResponse
-
         if method == "PullMessages":
-            pulled = PullMessagesResponse.FromString(body)
+            pulled = flower_compat.decode_fleet_response(method, body)
             for proto, tree in zip(pulled.messages_list, pulled.message_object_trees, strict=True):
                 self._open("down", proto.metadata, tree, set(_tree_ids(tree)))
         elif method == "PushMessages":
-            pushed = PushMessagesResponse.FromString(body)
+            pushed = flower_compat.decode_fleet_response(method, body)
             for proto, tree in zip(request.messages_list, request.message_object_trees, strict=True):
                 self._open("up", proto.metadata, tree, set(pushed.objects_to_push) & set(_tree_ids(tree)))
         elif method == "PullObject":
-            got = PullObjectResponse.FromString(body)
+            got = flower_compat.decode_fleet_response(method, body)
             if got.object_found and got.object_available:
                 self._arrived(request.object_id, got.object_content)
         elif method == "PushObject":
@@ -160,27 +159,11 @@ class FleetProbe:
 
 def rebuild_message(root: str, contents: dict[str, bytes], message_id: str) -> Message:
     """The ``Message`` that a set of object contents encodes (as Flower inflates it)."""
-    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
-
-    msg = inflate_object_from_contents(root, dict(contents), keep_object_contents=True)
+    msg = flower_compat.inflate_message(root, contents)
     if not isinstance(msg, Message):
         raise TypeError(f"object {root} is a {type(msg).__name__}, not a Message")
-    msg.metadata.__dict__["_message_id"] = message_id  # deflate() leaves the id out
+    flower_compat.set_message_id(msg, message_id)  # deflate() leaves the id out
     return msg
-
-
-def install(probe: FleetProbe) -> None:
-    """Add ``probe`` to the interceptors of every Fleet HTTP client this process creates."""
-    from flwr.supernode import fleet_http_connection
-
-    client_cls = fleet_http_connection.FleetHttpClient
-    original = client_cls.from_server_address.__func__  # type: ignore[attr-defined]
-
-    def from_server_address(cls: type, server_address: str, insecure: bool, root_certificates: Any,
-                            interceptors: Sequence[Any], **kwargs: Any) -> Any:  # fmt: skip
-        return original(cls, server_address, insecure, root_certificates, [*interceptors, probe], **kwargs)
-
-    client_cls.from_server_address = classmethod(from_server_address)  # type: ignore[method-assign,assignment]
 
 
 def _partition_of(argv: Sequence[str]) -> int:
@@ -200,11 +183,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if len(args) < 2 or args[0] != "--probe-log":
         raise SystemExit("usage: python -m fedpeft.deploy_probe --probe-log FILE <flower-supernode args>")
     log_path, rest = args[1], args[2:]
-    install(FleetProbe(log_path, _partition_of(rest)))
-    from flwr.supernode.cli import flower_supernode
-
-    sys.argv = ["flower-supernode", *rest]
-    flower_supernode()
+    # Flower's own SuperNode; every Fleet HTTP client it creates gets the probe as interceptor.
+    flower_compat.run_supernode(rest, interceptor=FleetProbe(log_path, _partition_of(rest)))
 
 
 # ---------------------------------------------------------------- comparison

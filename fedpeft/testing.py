@@ -23,16 +23,22 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
-from flwr.app import Context, Message, RecordDict
-from flwr.app.error import Error
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import NODE_ID_NUM_BYTES, SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.config import ConfigValue
 from fedpeft.faults import simulated_time
+from fedpeft.flower_compat import (
+    CLIENT_APP_RAISED_EXCEPTION,
+    NODE_ID_NUM_BYTES,
+    SUPERLINK_NODE_ID,
+    Run,
+    empty_run,
+    set_message_id,
+    set_task_identity,
+    task_run_id,
+)
 from fedpeft.runtime import derive_seed
 
 
@@ -82,8 +88,8 @@ class DirectGrid(Grid):
         # Message() needs a run identity outside Flower's runtime. Every message carries the
         # run and task ids as varints, and Flower draws both as random 64-bit numbers:
         # ids of that width, from the seed, give messages of a Ray run's size.
-        TaskIdentity.run_id, TaskIdentity.task_id = _seeded_uint64s(seed, "run-and-task-id", 2)
-        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        run_id, task_id = _seeded_uint64s(seed, "run-and-task-id", 2)
+        set_task_identity(run_id, task_id, SUPERLINK_NODE_ID)
         self.client_app = client_app
         # Node ids do not follow partition order, as in Flower's engine; partition i gets ids[i].
         ids = list(node_ids) if node_ids is not None else seeded_node_ids(seed, num_nodes)
@@ -91,7 +97,7 @@ class DirectGrid(Grid):
             raise ValueError(f"DirectGrid needs {num_nodes} distinct node ids, got {len(set(ids))}")
         self.contexts = {
             node_id: Context(
-                run_id=TaskIdentity.run_id,
+                run_id=run_id,
                 node_id=node_id,
                 node_config={"partition-id": pid, "num-partitions": num_nodes},
                 state=RecordDict(),
@@ -120,7 +126,7 @@ class DirectGrid(Grid):
 
     @property
     def run(self) -> Run:
-        return Run.create_empty(TaskIdentity.run_id)
+        return empty_run(task_run_id())
 
     def create_message(
         self,
@@ -138,7 +144,7 @@ class DirectGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # as Flower's grid does
+            set_message_id(msg, str(uuid.uuid4()))  # as Flower's grid does
             self._inbox[msg.metadata.message_id] = msg
             ids.append(msg.metadata.message_id)
         return ids
@@ -157,11 +163,11 @@ class DirectGrid(Grid):
                 except Exception as err:  # a crashing ClientApp becomes an error reply, as in Flower
                     # Flower's code and wording for a ClientApp that raised.
                     reason = f"{type(err)}:<'{err}'>"
-                    reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
+                    reply = Message(Error(CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
                     # Flower's engine keeps a node's Context only from calls that return, so
                     # what the failed call changed in place is undone (a resumed run agrees).
                     context.state = before
-            reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # as Flower's engine does
+            set_message_id(reply, str(uuid.uuid4()))  # as Flower's engine does
             if self.reply_timeout is None or clock.elapsed <= self.reply_timeout:
                 replies.append(reply)
         return replies

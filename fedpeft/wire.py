@@ -3,8 +3,9 @@
 Exchanged tensors travel as one ``ArrayRecord`` with keys in canonical sorted order, so a
 reply's key set can be compared with the global model's by equality.  Byte counts are
 taken from the serialized message, never from parameter counts: ``message_size`` is the
-protobuf size of the message as Flower serializes it (``flwr.common.serde``), and
-``payload_size`` the bytes of its arrays as ``ArrayRecord.count_bytes`` reports them.
+protobuf size of the message as Flower serializes it (its serializer is reached through
+:mod:`fedpeft.flower_compat`), and ``payload_size`` the bytes of its arrays as
+``ArrayRecord.count_bytes`` reports them.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
-from flwr.common.serde import error_to_proto, metadata_to_proto, recorddict_to_proto
-from flwr.proto.message_pb2 import Message as ProtoMessage
+
+from fedpeft.flower_compat import MESSAGE_CONTENT_FIELD, message_head_size, recorddict_proto_size
 
 ARRAYS_KEY = "arrays"  # the key Flower's strategies use for the ArrayRecord
 METRICS_KEY = "metrics"
@@ -44,12 +45,9 @@ def _embedded_field_size(field_number: int, payload: int) -> int:
     return _varint_size(field_number << 3 | 2) + _varint_size(payload) + payload
 
 
-_CONTENT_FIELD = ProtoMessage.DESCRIPTOR.fields_by_name["content"].number
-
-
 def content_size(msg: Message) -> int:
     """Protobuf size of the message's content (its RecordDict), 0 without content."""
-    return recorddict_to_proto(msg.content).ByteSize() if msg.has_content() else 0
+    return recorddict_proto_size(msg.content) if msg.has_content() else 0
 
 
 def message_size(msg: Message, content_bytes: int | None = None) -> int:
@@ -58,14 +56,11 @@ def message_size(msg: Message, content_bytes: int | None = None) -> int:
     ``content_bytes`` lets a caller that sends one content to many nodes serialize it
     once; the result equals ``len(message_to_proto(msg).SerializeToString())``.
     """
-    head = ProtoMessage(
-        metadata=metadata_to_proto(msg.metadata),
-        error=error_to_proto(msg.error) if msg.has_error() else None,
-    ).ByteSize()
+    head = message_head_size(msg)
     if not msg.has_content():
         return head
     body = content_size(msg) if content_bytes is None else content_bytes
-    return head + _embedded_field_size(_CONTENT_FIELD, body)
+    return head + _embedded_field_size(MESSAGE_CONTENT_FIELD, body)
 
 
 def message_sizes(messages: Sequence[Message]) -> list[int]:

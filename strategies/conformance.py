@@ -52,9 +52,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedTrimmedAvg, MultiKrum, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 
+# The one fedpeft module strategies may import: a leaf that holds Flower's private APIs.
+# Flower's strategies build their Messages with ``Message()``, which reads the process's run
+# identity; only Flower's runtime sets it, and no public API does.
+from fedpeft.flower_compat import Run, empty_run, ensure_task_identity
 from strategies.functional import Tensors, dict_to_record, record_to_dict
 from strategies.lora_exact import (
     LORA_A,
@@ -165,12 +167,6 @@ class Outcome:
 
 
 # ---------------------------------------------------------------------- toy federation
-def ensure_task_identity() -> None:
-    """Give the process a placeholder Flower run identity if it has none (outside Flower's runtime)."""
-    if TaskIdentity._run_id is None:
-        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-
-
 class ToyGrid(Grid):
     """A grid that only lists nodes: enough for a strategy's configure calls.
 
@@ -187,7 +183,7 @@ class ToyGrid(Grid):
 
     @property
     def run(self) -> Run:
-        return Run.create_empty(0)
+        return empty_run(0)
 
     def create_message(
         self,

@@ -47,6 +47,7 @@ from strategies.lora_exact import (
     truncate_factors,
     weighted_mean,
 )
+from strategies.replies import check_and_log_replies
 from strategies.traits import StrategyTraits
 
 
@@ -197,7 +198,7 @@ class FlexLoRA(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """``dW = sum_k p_k s_k B_k A_k`` per module, SVD'd back to rank R; head FedAvg'd."""
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        valid, _ = check_and_log_replies(replies, is_train=True, weighted_by_key=self.weighted_by_key)
         if not valid:
             return None, None
         _, updates, weights = reply_updates(valid, self.weighted_by_key)

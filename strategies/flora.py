@@ -52,6 +52,7 @@ from strategies.lora_exact import (
     stack_factors,
     weighted_mean,
 )
+from strategies.replies import check_and_log_replies
 from strategies.traits import StrategyTraits
 
 
@@ -149,7 +150,7 @@ class FLoRA(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Stack the replies onto :attr:`current_global`; return the new merged form."""
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        valid, _ = check_and_log_replies(replies, is_train=True, weighted_by_key=self.weighted_by_key)
         if not valid:
             return None, None
         if self.current_global is None:

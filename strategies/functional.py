@@ -67,6 +67,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAvg
 
+from strategies.replies import check_and_log_replies
 from strategies.traits import declared_traits
 
 Tensors = dict[str, np.ndarray]
@@ -199,7 +200,7 @@ class FunctionalStrategy(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Call the function on the replies in node-id order; metrics as FedAvg."""
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        valid, _ = check_and_log_replies(replies, is_train=True, weighted_by_key=self.weighted_by_key)
         if not valid:
             return None, None
         _, updates, weights = reply_updates(valid, self.weighted_by_key)

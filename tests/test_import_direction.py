@@ -2,8 +2,8 @@
 
 ``strategies`` and the ``fedpeft`` core never import the apps; the core never imports the
 server wing (``fedpeft.server``), which never imports the apps; ``strategies`` knows nothing
-of fedpeft; only ``fedpeft.models`` imports peft; only the launcher touches Flower's
-simulation engine.
+of fedpeft but its door to Flower's internals; only ``fedpeft.models`` imports peft; only
+``fedpeft.flower_compat`` touches Flower's private modules (the simulation engine included).
 """
 
 import ast
@@ -13,6 +13,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_LAYER = {"fedpeft.apps", "fedpeft.launch", "fedpeft.deploy", "fedpeft.cli", "fedpeft.sweep"}
+# Flower's public API: what these packages (with flwr.serverapp.strategy, flwr.clientapp.mod)
+# export.  Every other flwr module (flwr.common, flwr.supercore, flwr.server, flwr.proto,
+# flwr.compat, flwr.supernode, flwr.simulation, ...) and flwr itself are private.
+PUBLIC_FLOWER = {"flwr.app", "flwr.serverapp", "flwr.clientapp"}
+FLOWER_DOOR = "fedpeft.flower_compat"
 
 
 def _modules(package: str):
@@ -42,7 +47,10 @@ def test_import_direction(module, path):
         bad = {i for i in imports if _under(i, APP_LAYER)}
         assert not bad, f"{module} (core) imports the app layer: {bad}"
     if module.startswith("strategies"):
-        assert not {i for i in imports if _under(i, {"fedpeft"})}, f"{module} imports fedpeft"
+        fedpeft = {i for i in imports if _under(i, {"fedpeft"}) and i != FLOWER_DOOR}
+        assert not fedpeft, f"{module} imports fedpeft beyond {FLOWER_DOOR}: {fedpeft}"
+    if module == FLOWER_DOOR:  # a leaf, so that strategies may use it
+        assert not {i for i in imports if _under(i, {"fedpeft", "strategies"})}, f"{module} imports fedpeft"
     if not _under(module, {"fedpeft.models"}):
         assert not {i for i in imports if _under(i, {"peft"})}, (
             f"{module} imports peft outside fedpeft.models"
@@ -52,5 +60,19 @@ def test_import_direction(module, path):
         assert not bad, f"{module} (core) imports the server wing: {bad}"
     if _under(module, {"fedpeft.server"}):
         assert not {i for i in imports if _under(i, {"fedpeft.apps"})}, f"{module} imports the apps"
-    if module != "fedpeft.launch":
-        assert not {i for i in imports if _under(i, {"flwr.simulation"})}, f"{module} starts simulations"
+    if module != FLOWER_DOOR:
+        private = {i for i in imports if _under(i, {"flwr"}) and not _under(i, PUBLIC_FLOWER)}
+        assert not private, f"{module} imports private Flower modules (use {FLOWER_DOOR}): {private}"
+
+
+def test_private_flower_modules_are_told_apart():
+    def private(name):
+        return _under(name, {"flwr"}) and not _under(name, PUBLIC_FLOWER)
+
+    assert all(
+        map(private, ["flwr", "flwr.common.serde", "flwr.supercore.run", "flwr.simulation.run_simulation"])
+    )
+    assert all(
+        map(private, ["flwr.server.superlink.fleet.vce", "flwr.proto.message_pb2", "flwr.compat.client"])
+    )
+    assert not any(map(private, ["flwr.app", "flwr.serverapp.strategy", "flwr.clientapp.mod", "flwrx"]))

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
+from fedpeft.flower_compat import Run
 from fedpeft.wire import message_sizes, payload_size
 
 

@@ -119,7 +119,7 @@ def test_one_pass_delivery_hands_out_what_flowers_sweep_does_one_message_per_nod
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.server.superlink.fleet.vce.vce_api import add_messages_to_queue
 
-    from fedpeft.launch import deliver_pending
+    from fedpeft.flower_compat import deliver_pending
 
     dst = [0, 3, 3, 5, 9, 0]  # two nodes with two messages each: one per node per sweep
     factory, mapping, nodes, _ = _linkstate_with_messages(10, dst)
@@ -152,7 +152,7 @@ def test_one_pass_delivery_hands_out_what_flowers_sweep_does_one_message_per_nod
 def test_one_pass_delivery_skips_expired_messages_and_restores_flowers_loop():
     from flwr.server.superlink.fleet.vce import vce_api
 
-    from fedpeft.launch import deliver_pending, one_pass_delivery
+    from fedpeft.flower_compat import deliver_pending, one_pass_delivery
 
     factory, mapping, _, ids = _linkstate_with_messages(4, [1, 2])
     state = factory.state()
@@ -170,7 +170,7 @@ def test_one_pass_delivery_skips_expired_messages_and_restores_flowers_loop():
 def test_one_pass_delivery_is_one_scan_not_one_per_node():
     import time
 
-    from fedpeft.launch import deliver_pending
+    from fedpeft.flower_compat import deliver_pending
 
     factory, mapping, _, _ = _linkstate_with_messages(5000, list(range(10)))
     state = factory.state()
@@ -193,7 +193,8 @@ def test_shared_run_config_registers_what_flower_does_with_one_config():
     from flwr.server.superlink.fleet.vce import vce_api
     from flwr.supercore.run import Run
 
-    from fedpeft.launch import app_dir, register_node_info_stores, shared_run_config
+    from fedpeft.flower_compat import register_node_info_stores, shared_run_config
+    from fedpeft.launch import app_dir
 
     mapping = {101: 0, 205: 1, 309: 2, 412: 3}
     run = Run.create_empty(run_id=77)
@@ -239,7 +240,7 @@ def test_shared_run_config_registers_what_flower_does_with_one_config():
     with pytest.raises(ValueError, match="cannot be modified"):
         ours[101].update_context(77, changed)
     assert ours[101].retrieve_context(77).run_config["num-rounds"] == 3
-    assert register_node_info_stores.__module__ == "fedpeft.launch"
+    assert register_node_info_stores.__module__ == "fedpeft.flower_compat"
 
 
 def test_shared_run_config_falls_back_to_flower_without_an_app_folder():
@@ -247,7 +248,7 @@ def test_shared_run_config_falls_back_to_flower_without_an_app_folder():
     from flwr.server.superlink.fleet.vce import vce_api
     from flwr.supercore.run import Run
 
-    from fedpeft.launch import shared_run_config
+    from fedpeft.flower_compat import shared_run_config
 
     run = Run.create_empty(run_id=5)
     with shared_run_config():
