@@ -35,8 +35,8 @@ from fedpeft.data import partition_stats
 from fedpeft.guard import UpdateGuard
 from fedpeft.metering import MeteredGrid
 from fedpeft.models import FedModel, get_model
-from fedpeft.privacy import RoundPlan
-from fedpeft.privacy_budget import PrivacyBudget, central_dp, central_epsilon
+from fedpeft.privacy import RoundPlan, central_epsilon
+from fedpeft.privacy_budget import PrivacyBudget, central_dp
 from fedpeft.recorder import RoundRecorder
 from fedpeft.rejections import RejectionLog
 from fedpeft.results import ResultsWriter, default_run_name
@@ -191,11 +191,7 @@ def _absorb_discovery(state: ServerState, described: dict[int, dict[str, float]]
     state.client_ranks.update({n: int(m["lora-rank"]) for n, m in described.items() if "lora-rank" in m})
     state.plans.clear()
     state.plans.update(
-        {
-            node: RoundPlan(m["dp-noise-multiplier"], m["dp-sample-rate"], int(m["dp-steps"]))
-            for node, m in described.items()
-            if "dp-steps" in m
-        }
+        {node: plan for node, m in described.items() if (plan := RoundPlan.from_metrics(m)) is not None}
     )
 
 

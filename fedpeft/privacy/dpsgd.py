@@ -1,12 +1,9 @@
-"""Sample-level DP-SGD on a client with Opacus, and the per-client privacy ledger.
+"""Sample-level DP-SGD on a client with Opacus.
 
-The only module that imports Opacus.  Each client round wraps the cached model with a
-fresh ``PrivacyEngine`` (Poisson sampling at rate batch size / local dataset size,
-per-sample clipping, Gaussian noise), trains, and unwraps it again so the next client on
-the same worker starts from a plain module with no hooks.  The accountant's history --
-(noise multiplier, sample rate, steps) per round the client took part in -- is the
-ledger: it lives in the client's ``Context.state`` between rounds, so epsilon composes
-over exactly the rounds the client trained in.
+Each client round wraps the cached model with a fresh ``PrivacyEngine`` (Poisson sampling
+at rate batch size / local dataset size, per-sample clipping, Gaussian noise), trains,
+and unwraps it again so the next client on the same worker starts from a plain module
+with no hooks.  What a round costs and what it spent is :mod:`fedpeft.privacy.accounting`.
 
 Guards against the silent failures others hit (see KNOWLEDGE.md): the DP optimizer must
 hold every trainable parameter, every trainable parameter must get a per-sample gradient
@@ -18,134 +15,19 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from flwr.app import ConfigRecord
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.hooks import RemovableHandle
 
 from fedpeft.config import DPConfig, TrainConfig
 from fedpeft.models import FedModel
+from fedpeft.privacy.accounting import PrivacyError, RoundPlan
 from fedpeft.training import Encoded, TrainResult
-
-History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps) per round
-
-
-class PrivacyError(RuntimeError):
-    """DP-SGD would not protect (or not train) what it claims to; the message says which tensor."""
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """What one private round of a client costs: the inputs of the accountant."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-
-
-def _accountant(name: str) -> Any:
-    from opacus.accountants import create_accountant
-
-    return create_accountant(mechanism=name)
-
-
-def epsilon(history: Sequence[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
-    """Epsilon spent by ``history`` under ``accountant`` (0 for an empty history)."""
-    if not history:
-        return 0.0
-    if accountant == "gdp" and len({(s, q) for s, q, _ in history}) > 1:
-        raise PrivacyError(
-            "the gdp accountant needs one noise multiplier and sample rate for all rounds; use rdp or prv"
-        )
-    # Rounds with the same noise and rate compose as one run of their summed steps (how
-    # Opacus' accountants record steps; the gdp accountant reads only that form).
-    merged: dict[tuple[float, float], int] = {}
-    for s, q, n in history:
-        merged[(float(s), float(q))] = merged.get((float(s), float(q)), 0) + int(n)
-    acc = _accountant(accountant)
-    acc.history = [(s, q, n) for (s, q), n in merged.items()]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(acc.get_epsilon(delta=delta))
-
-
-@dataclass
-class Ledger:
-    """One client's privacy history, saved in its ``Context.state`` between rounds.
-
-    A thin stateful wrapper over the accountant maths (like Opacus' accountants): the
-    history is the whole state, so epsilon is recomputed from it, never carried.
-    """
-
-    history: History = field(default_factory=list)
-
-    def add(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
-        self.history.append((float(noise_multiplier), float(sample_rate), int(steps)))
-
-    def epsilon(self, delta: float, accountant: str = "rdp") -> float:
-        return epsilon(self.history, delta, accountant)
-
-    def projected(self, plan: RoundPlan, delta: float, accountant: str = "rdp") -> float:
-        """Epsilon after one more round costing ``plan``."""
-        return epsilon(
-            [*self.history, (plan.noise_multiplier, plan.sample_rate, plan.steps)], delta, accountant
-        )
-
-    def to_record(self) -> ConfigRecord:
-        return ConfigRecord(
-            {
-                "noise": [h[0] for h in self.history],
-                "rate": [h[1] for h in self.history],
-                "steps": [h[2] for h in self.history],
-            }
-        )
-
-    @classmethod
-    def from_record(cls, record: ConfigRecord | None) -> Ledger:
-        if record is None:
-            return cls()
-        columns = [record[k] for k in ("noise", "rate", "steps")]
-        if not all(isinstance(c, list) for c in columns):
-            raise PrivacyError("the privacy ledger in this client's state is damaged")
-        noise, rate, steps = (cast(list[float], c) for c in columns)
-        return cls([(float(a), float(b), int(c)) for a, b, c in zip(noise, rate, steps, strict=True)])
-
-
-def plan_round(cfg: DPConfig, train: TrainConfig, num_examples: int, num_rounds: int) -> RoundPlan:
-    """Noise, Poisson sample rate and step count of one local round of this client.
-
-    With ``target-epsilon`` the noise is chosen (Opacus' ``get_noise_multiplier``) so that
-    taking part in all ``num_rounds`` rounds spends exactly that budget.
-    """
-    n = max(num_examples, 1)
-    q = min(1.0, train.batch_size / n)
-    steps = train.local_epochs * max(1, math.ceil(1 / q))
-    if train.max_steps:
-        steps = min(steps, train.max_steps)
-    noise = cfg.noise_multiplier
-    if cfg.target_epsilon > 0:
-        from opacus.accountants.utils import get_noise_multiplier
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            noise = float(
-                get_noise_multiplier(
-                    target_epsilon=cfg.target_epsilon,
-                    target_delta=cfg.delta,
-                    sample_rate=q,
-                    steps=steps * num_rounds,
-                    accountant=cfg.accountant,
-                )
-            )
-    return RoundPlan(noise, q, steps)
 
 
 def train_private(
