@@ -1,8 +1,9 @@
 """Imports flow one way: only the apps (and the launcher/CLI that start them) wire things up.
 
 ``strategies`` and the ``fedpeft`` core never import the apps; ``strategies`` knows nothing
-of fedpeft; only ``fedpeft.models`` imports peft; only the launcher touches Flower's
-simulation engine.
+of fedpeft; only ``fedpeft.models`` imports peft; only ``fedpeft.privacy`` imports opacus
+(and its accounting imports only opacus' accountants: no torch, Flower or models); only the
+launcher touches Flower's simulation engine.
 """
 
 import ast
@@ -46,5 +47,13 @@ def test_import_direction(module, path):
         assert not {i for i in imports if _under(i, {"peft"})}, (
             f"{module} imports peft outside fedpeft.models"
         )
+    if not _under(module, {"fedpeft.privacy"}):
+        assert not {i for i in imports if _under(i, {"opacus"})}, (
+            f"{module} imports opacus outside fedpeft.privacy"
+        )
+    if module == "fedpeft.privacy.accounting":  # pure maths: Opacus' accountants, nothing that trains
+        impure = {"opacus", "torch", "flwr", "fedpeft.models", "fedpeft.training", "fedpeft.privacy.dpsgd"}
+        bad = {i for i in imports if _under(i, impure) and not _under(i, {"opacus.accountants"})}
+        assert not bad, f"{module} is not pure accounting: {bad}"
     if module != "fedpeft.launch":
         assert not {i for i in imports if _under(i, {"flwr.simulation"})}, f"{module} starts simulations"

@@ -4,6 +4,9 @@ Each client round wraps the cached model with a fresh ``PrivacyEngine`` (Poisson
 at rate batch size / local dataset size, per-sample clipping, Gaussian noise), trains,
 and unwraps it again so the next client on the same worker starts from a plain module
 with no hooks.  What a round costs and what it spent is :mod:`fedpeft.privacy.accounting`.
+A PEFT method whose tensors Opacus cannot reach brings its own per-sample-gradient hooks
+through the method registry (``PeftMethod.grad_sample_hooks``); this module installs them
+without naming any method.
 
 Guards against the silent failures others hit (see KNOWLEDGE.md): the DP optimizer must
 hold every trainable parameter, every trainable parameter must get a per-sample gradient
@@ -13,19 +16,18 @@ step; otherwise :class:`PrivacyError` is raised, naming the parameter.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.hooks import RemovableHandle
 
 from fedpeft.config import DPConfig, TrainConfig
-from fedpeft.models import FedModel
+from fedpeft.models import FedModel, get_method
+from fedpeft.models.grad_sample import GradSampleError
 from fedpeft.privacy.accounting import PrivacyError, RoundPlan
 from fedpeft.training import Encoded, TrainResult
 
@@ -73,7 +75,7 @@ def train_private(
     dp_module, dp_optimizer, dp_loader = made[0], made[1], made[2]
     handles: list[RemovableHandle] = []
     try:
-        handles = _ia3_grad_sample_hooks(module, dp_optimizer.loss_reduction)
+        handles = _method_grad_sample_hooks(model, dp_optimizer.loss_reduction)
         with warnings.catch_warnings():
             # Opacus' hooks on a frozen backbone: the inputs need no gradient, by design.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -87,6 +89,17 @@ def train_private(
         for p in params:
             p.grad_sample = None  # type: ignore[attr-defined]
         module.eval()
+
+
+def _method_grad_sample_hooks(model: FedModel, loss_reduction: str) -> list[RemovableHandle]:
+    """The trained method's own per-sample-gradient hooks (none where Opacus needs no help)."""
+    hooks = get_method(model.method).grad_sample_hooks
+    if hooks is None:
+        return []
+    try:
+        return hooks(model.module, loss_reduction)
+    except GradSampleError as err:
+        raise PrivacyError(str(err)) from err
 
 
 def _dp_steps(
@@ -171,67 +184,6 @@ def _forward_params(model: FedModel) -> set[str]:
         if not any(f"{table}." in name for name in model.params):
             accepted.discard(ids)
     return accepted
-
-
-def _ia3_grad_sample_hooks(module: nn.Module, loss_reduction: str) -> list[RemovableHandle]:
-    """Per-sample gradients of the (IA)^3 vectors, which Opacus' hooks cannot reach.
-
-    peft keeps each vector in a ``ParameterDict`` that the layer reads but never calls,
-    so Opacus hooks a module that never runs ("Per sample gradient is not initialized").
-    A forward hook on each (IA)^3 layer (found by its ``ia3_l`` vectors: only
-    ``fedpeft.models`` imports peft) computes ``grad_sample`` itself, on the scale Opacus
-    uses (per-example loss, so times the batch size for a mean loss).  The guards check the
-    result like any other per-sample gradient.
-    """
-    handles = []
-    for layer in module.modules():
-        vectors = getattr(layer, "ia3_l", None)
-        if not isinstance(vectors, nn.ParameterDict) or not any(p.requires_grad for p in vectors.values()):
-            continue
-        base = getattr(layer, "base_layer", None)
-        if (
-            len(vectors) != 1
-            or not isinstance(base, nn.Linear)
-            or not hasattr(layer, "is_feedforward")
-            or getattr(layer, "fan_in_fan_out", False)
-            or getattr(layer, "merged", False)
-        ):
-            raise PrivacyError(
-                "method 'ia3': per-sample gradients are implemented for one unmerged (IA)^3 "
-                f"adapter on nn.Linear layers, not on {type(layer).__name__} over {type(base).__name__}"
-            )
-        (vector,) = vectors.values()
-        hook = functools.partial(_ia3_forward_hook, vector=vector, per_example=loss_reduction == "mean")
-        handles.append(layer.register_forward_hook(hook))
-    return handles
-
-
-def _ia3_forward_hook(
-    layer: nn.Module,
-    inputs: tuple[torch.Tensor, ...],
-    output: torch.Tensor,
-    *,
-    vector: nn.Parameter,
-    per_example: bool,
-) -> None:
-    if not (torch.is_grad_enabled() and output.requires_grad):
-        return
-    x = inputs[0].detach()
-
-    def on_grad(grad: torch.Tensor) -> None:
-        batch = grad.shape[0]
-        g = grad.detach() * batch if per_example else grad.detach()
-        base: Any = layer.base_layer
-        with torch.no_grad():
-            if layer.is_feedforward:  # out = base(x * v): d out / d v = x * (dL/d(x * v))
-                act, back = x.to(vector.dtype), g @ base.weight
-            else:  # out = base(x) * v: d out / d v = base(x) * dL/d out
-                act, back = base(x), g
-            sample = (act * back).reshape(batch, -1, act.shape[-1]).sum(dim=1).reshape(batch, *vector.shape)
-        previous = getattr(vector, "grad_sample", None)
-        vector.grad_sample = sample if previous is None else previous + sample  # type: ignore[attr-defined]
-
-    output.register_hook(on_grad)
 
 
 def _check_optimizer(model: FedModel, dp_optimizer: torch.optim.Optimizer) -> None:
