@@ -3,7 +3,9 @@
 ``strategies`` and the ``fedpeft`` core never import the apps; the core never imports the
 server wing (``fedpeft.server``), which never imports the apps; ``strategies`` knows nothing
 of fedpeft but its door to Flower's internals; only ``fedpeft.models`` imports peft; only
-``fedpeft.flower_compat`` touches Flower's private modules (the simulation engine included).
+``fedpeft.privacy`` imports opacus (and its accounting imports only opacus' accountants: no
+torch, Flower or models); only ``fedpeft.flower_compat`` touches Flower's private modules
+(the simulation engine included).
 """
 
 import ast
@@ -63,6 +65,15 @@ def test_import_direction(module, path):
     if module != FLOWER_DOOR:
         private = {i for i in imports if _under(i, {"flwr"}) and not _under(i, PUBLIC_FLOWER)}
         assert not private, f"{module} imports private Flower modules (use {FLOWER_DOOR}): {private}"
+
+    if not _under(module, {"fedpeft.privacy"}):
+        assert not {i for i in imports if _under(i, {"opacus"})}, (
+            f"{module} imports opacus outside fedpeft.privacy"
+        )
+    if module == "fedpeft.privacy.accounting":  # pure maths: Opacus' accountants, nothing that trains
+        impure = {"opacus", "torch", "flwr", "fedpeft.models", "fedpeft.training", "fedpeft.privacy.dpsgd"}
+        bad = {i for i in imports if _under(i, impure) and not _under(i, {"opacus.accountants"})}
+        assert not bad, f"{module} is not pure accounting: {bad}"
 
 
 def test_private_flower_modules_are_told_apart():

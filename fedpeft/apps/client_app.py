@@ -54,14 +54,6 @@ def _plan(cfg: RunConfig, num_examples: int) -> privacy.RoundPlan:
     return privacy.plan_round(cfg.dp, cfg.train, num_examples, cfg.num_rounds)
 
 
-def _plan_metrics(plan: privacy.RoundPlan) -> dict[str, int | float | list[int] | list[float]]:
-    return {
-        "dp-noise-multiplier": plan.noise_multiplier,
-        "dp-sample-rate": plan.sample_rate,
-        "dp-steps": plan.steps,
-    }
-
-
 @app.query("describe")
 def describe(msg: Message, context: Context) -> Message:
     """Announce this node's partition (and warm the process's model cache).
@@ -86,7 +78,7 @@ def describe(msg: Message, context: Context) -> Message:
     if cfg.peft.method == "lora":  # strategies that serve mixed ranks send each node its own
         metrics["lora-rank"] = cfg.lora.rank_of(pid, cfg.seed)
     if _local_dp(cfg):  # what one round will cost, so the server can keep the budget
-        for key, value in _plan_metrics(_plan(cfg, num_examples)).items():
+        for key, value in _plan(cfg, num_examples).to_metrics().items():
             metrics[key] = value
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
@@ -158,10 +150,13 @@ def train(msg: Message, context: Context) -> Message:
     if _local_dp(cfg):
         plan = _plan(cfg, len(data))
         result = privacy.train_private(model, data, cfg.train, plan, cfg.dp, seed, _proximal_mu(msg))
-        ledger = privacy.Ledger.from_record(context.state.config_records.get(LEDGER_STATE))
+        ledger = privacy.Ledger.from_columns(context.state.config_records.get(LEDGER_STATE))
         ledger.add(plan.noise_multiplier, plan.sample_rate, result.steps)
-        context.state[LEDGER_STATE] = ledger.to_record()
-        dp_metrics = _plan_metrics(plan) | {"dp-epsilon": ledger.epsilon(cfg.dp.delta, cfg.dp.accountant)}
+        context.state[LEDGER_STATE] = ConfigRecord({**ledger.to_columns()})
+        dp_metrics = {
+            **plan.to_metrics(),
+            privacy.DP_EPSILON: ledger.epsilon(cfg.dp.delta, cfg.dp.accountant),
+        }
     else:
         result = train_local(model, data, cfg.train, seed=seed, proximal_mu=_proximal_mu(msg))
     crash_point("train")

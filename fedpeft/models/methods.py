@@ -13,7 +13,8 @@ one config dataclass per method in :mod:`fedpeft.config`.
 * ``prefix`` -- prefix tuning (Li & Liang, 2021): trained keys and values prepended in every
   attention layer, through HF peft's ``PrefixTuningConfig``.
 * ``ia3``   -- (IA)^3 (Liu et al., 2022): learned rescaling vectors of keys, values and
-  feed-forward activations, through HF peft's ``IA3Config``.
+  feed-forward activations, through HF peft's ``IA3Config``; brings its own per-sample
+  gradients for DP-SGD (:mod:`fedpeft.models.grad_sample`).
 * ``adapter`` -- bottleneck adapters (Houlsby et al., 2019), FedPEFT's "adapter"; written
   by hand (:mod:`fedpeft.models.adapters`) since peft has none.
 * ``bitfit`` -- BitFit (Ben Zaken et al., 2022): every bias of the backbone.
@@ -46,6 +47,7 @@ from transformers import PreTrainedModel
 
 from fedpeft.config import ConfigError, RunConfig, unknown_choice
 from fedpeft.models.adapters import add_adapters
+from fedpeft.models.grad_sample import GradSampleHooks, ia3_grad_sample_hooks
 
 ApplyFn = Callable[[PreTrainedModel, RunConfig], nn.Module]
 
@@ -59,18 +61,27 @@ class PeftMethod:
     description: str
     # Whether ``save_pretrained`` writes a peft adapter (else a whole HF model).
     is_peft_adapter: bool
+    # Per-sample gradients the method computes itself under DP-SGD (see
+    # :mod:`fedpeft.models.grad_sample`); None where Opacus' own hooks reach every tensor.
+    grad_sample_hooks: GradSampleHooks | None = None
 
 
 METHODS: dict[str, PeftMethod] = {}
 
 
-def register_method(name: str, description: str, *, is_peft_adapter: bool) -> Callable[[ApplyFn], ApplyFn]:
+def register_method(
+    name: str,
+    description: str,
+    *,
+    is_peft_adapter: bool,
+    grad_sample_hooks: GradSampleHooks | None = None,
+) -> Callable[[ApplyFn], ApplyFn]:
     """Decorator: add ``apply`` to the registry under ``name``."""
 
     def wrap(fn: ApplyFn) -> ApplyFn:
         if name in METHODS:
             raise ValueError(f"PEFT method {name!r} is already registered")
-        METHODS[name] = PeftMethod(name, fn, description, is_peft_adapter)
+        METHODS[name] = PeftMethod(name, fn, description, is_peft_adapter, grad_sample_hooks)
         return fn
 
     return wrap
@@ -187,7 +198,10 @@ def _prefix(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
 
 
 @register_method(
-    "ia3", "(IA)^3 (HF peft): rescaling vectors of keys, values, FFN + the head", is_peft_adapter=True
+    "ia3",
+    "(IA)^3 (HF peft): rescaling vectors of keys, values, FFN + the head",
+    is_peft_adapter=True,
+    grad_sample_hooks=ia3_grad_sample_hooks,  # peft's vectors sit where Opacus cannot hook them
 )
 def _ia3(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     """(IA)^3, Liu et al. (2022), "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper

@@ -7,9 +7,8 @@ whose epsilon would pass ``dp.epsilon-budget`` after that round -- the client si
 round out and the round record says so -- instead of silently overspending.
 
 :func:`central_dp` wraps a strategy in Flower's own user-level DP wrappers (fixed or
-adaptive clipping, on the server or the client) and :func:`central_epsilon` accounts
-for them (Gaussian mechanism, McMahan et al. 2018, without sampling amplification, as
-Flower's fixed-clipping accounting also assumes).
+adaptive clipping, on the server or the client);
+:func:`fedpeft.privacy.accounting.central_epsilon` accounts for them.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedpeft.config import ConfigError, DPConfig
-from fedpeft.privacy import Ledger, RoundPlan, epsilon
+from fedpeft.privacy.accounting import Ledger, RoundPlan
 from fedpeft.server.rejections import RejectionLog
 from strategies.wrapper import StrategyWrapper
 
@@ -85,14 +84,11 @@ class PrivacyBudget(StrategyWrapper):
             if reply.has_error():
                 continue
             m = reply.content.metric_records.get("metrics")
-            if m is not None and "dp-steps" in m:
-                noise, rate, steps = (m[k] for k in ("dp-noise-multiplier", "dp-sample-rate", "dp-steps"))
-                if (
-                    isinstance(noise, (int, float))
-                    and isinstance(rate, (int, float))
-                    and isinstance(steps, (int, float))
-                ):
-                    self.ledgers.setdefault(reply.metadata.src_node_id, Ledger()).add(noise, rate, int(steps))
+            spent = RoundPlan.from_metrics(m) if m is not None else None
+            if spent is not None:
+                self.ledgers.setdefault(reply.metadata.src_node_id, Ledger()).add(
+                    spent.noise_multiplier, spent.sample_rate, spent.steps
+                )
         return self.inner.aggregate_train(server_round, replies)
 
 
@@ -114,10 +110,3 @@ def central_dp(inner: Strategy, dp: DPConfig, num_sampled: int) -> Strategy:
         raise ConfigError(
             f"config keys 'dp.central-*' ({dp.central_clipping} clipping, {num_sampled} clients per round): {err}"
         ) from err
-
-
-def central_epsilon(dp: DPConfig, rounds: int) -> float:
-    """Epsilon of ``rounds`` releases of the central Gaussian mechanism (no amplification)."""
-    if dp.central_noise_multiplier <= 0:
-        return float("inf")
-    return epsilon([(dp.central_noise_multiplier, 1.0, rounds)], dp.delta, "rdp") if rounds else 0.0

@@ -39,9 +39,7 @@ class Discovery:
             partition_of={node: int(m["partition-id"]) for node, m in described.items()},
             ranks={n: int(m["lora-rank"]) for n, m in described.items() if "lora-rank" in m},
             plans={
-                node: RoundPlan(m["dp-noise-multiplier"], m["dp-sample-rate"], int(m["dp-steps"]))
-                for node, m in described.items()
-                if "dp-steps" in m
+                node: plan for node, m in described.items() if (plan := RoundPlan.from_metrics(m)) is not None
             },
         )
 

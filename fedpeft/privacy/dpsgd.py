@@ -1,12 +1,12 @@
-"""Sample-level DP-SGD on a client with Opacus, and the per-client privacy ledger.
+"""Sample-level DP-SGD on a client with Opacus.
 
-The only module that imports Opacus.  Each client round wraps the cached model with a
-fresh ``PrivacyEngine`` (Poisson sampling at rate batch size / local dataset size,
-per-sample clipping, Gaussian noise), trains, and unwraps it again so the next client on
-the same worker starts from a plain module with no hooks.  The accountant's history --
-(noise multiplier, sample rate, steps) per round the client took part in -- is the
-ledger: it lives in the client's ``Context.state`` between rounds, so epsilon composes
-over exactly the rounds the client trained in.
+Each client round wraps the cached model with a fresh ``PrivacyEngine`` (Poisson sampling
+at rate batch size / local dataset size, per-sample clipping, Gaussian noise), trains,
+and unwraps it again so the next client on the same worker starts from a plain module
+with no hooks.  What a round costs and what it spent is :mod:`fedpeft.privacy.accounting`.
+A PEFT method whose tensors Opacus cannot reach brings its own per-sample-gradient hooks
+through the method registry (``PeftMethod.grad_sample_hooks``); this module installs them
+without naming any method.
 
 Guards against the silent failures others hit (see KNOWLEDGE.md): the DP optimizer must
 hold every trainable parameter, every trainable parameter must get a per-sample gradient
@@ -16,136 +16,20 @@ step; otherwise :class:`PrivacyError` is raised, naming the parameter.
 
 from __future__ import annotations
 
-import functools
 import inspect
-import math
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from flwr.app import ConfigRecord
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.hooks import RemovableHandle
 
 from fedpeft.config import DPConfig, TrainConfig
-from fedpeft.models import FedModel
+from fedpeft.models import FedModel, get_method
+from fedpeft.models.grad_sample import GradSampleError
+from fedpeft.privacy.accounting import PrivacyError, RoundPlan
 from fedpeft.training import Encoded, TrainResult
-
-History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps) per round
-
-
-class PrivacyError(RuntimeError):
-    """DP-SGD would not protect (or not train) what it claims to; the message says which tensor."""
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """What one private round of a client costs: the inputs of the accountant."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-
-
-def _accountant(name: str) -> Any:
-    from opacus.accountants import create_accountant
-
-    return create_accountant(mechanism=name)
-
-
-def epsilon(history: Sequence[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
-    """Epsilon spent by ``history`` under ``accountant`` (0 for an empty history)."""
-    if not history:
-        return 0.0
-    if accountant == "gdp" and len({(s, q) for s, q, _ in history}) > 1:
-        raise PrivacyError(
-            "the gdp accountant needs one noise multiplier and sample rate for all rounds; use rdp or prv"
-        )
-    # Rounds with the same noise and rate compose as one run of their summed steps (how
-    # Opacus' accountants record steps; the gdp accountant reads only that form).
-    merged: dict[tuple[float, float], int] = {}
-    for s, q, n in history:
-        merged[(float(s), float(q))] = merged.get((float(s), float(q)), 0) + int(n)
-    acc = _accountant(accountant)
-    acc.history = [(s, q, n) for (s, q), n in merged.items()]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(acc.get_epsilon(delta=delta))
-
-
-@dataclass
-class Ledger:
-    """One client's privacy history, saved in its ``Context.state`` between rounds.
-
-    A thin stateful wrapper over the accountant maths (like Opacus' accountants): the
-    history is the whole state, so epsilon is recomputed from it, never carried.
-    """
-
-    history: History = field(default_factory=list)
-
-    def add(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
-        self.history.append((float(noise_multiplier), float(sample_rate), int(steps)))
-
-    def epsilon(self, delta: float, accountant: str = "rdp") -> float:
-        return epsilon(self.history, delta, accountant)
-
-    def projected(self, plan: RoundPlan, delta: float, accountant: str = "rdp") -> float:
-        """Epsilon after one more round costing ``plan``."""
-        return epsilon(
-            [*self.history, (plan.noise_multiplier, plan.sample_rate, plan.steps)], delta, accountant
-        )
-
-    def to_record(self) -> ConfigRecord:
-        return ConfigRecord(
-            {
-                "noise": [h[0] for h in self.history],
-                "rate": [h[1] for h in self.history],
-                "steps": [h[2] for h in self.history],
-            }
-        )
-
-    @classmethod
-    def from_record(cls, record: ConfigRecord | None) -> Ledger:
-        if record is None:
-            return cls()
-        columns = [record[k] for k in ("noise", "rate", "steps")]
-        if not all(isinstance(c, list) for c in columns):
-            raise PrivacyError("the privacy ledger in this client's state is damaged")
-        noise, rate, steps = (cast(list[float], c) for c in columns)
-        return cls([(float(a), float(b), int(c)) for a, b, c in zip(noise, rate, steps, strict=True)])
-
-
-def plan_round(cfg: DPConfig, train: TrainConfig, num_examples: int, num_rounds: int) -> RoundPlan:
-    """Noise, Poisson sample rate and step count of one local round of this client.
-
-    With ``target-epsilon`` the noise is chosen (Opacus' ``get_noise_multiplier``) so that
-    taking part in all ``num_rounds`` rounds spends exactly that budget.
-    """
-    n = max(num_examples, 1)
-    q = min(1.0, train.batch_size / n)
-    steps = train.local_epochs * max(1, math.ceil(1 / q))
-    if train.max_steps:
-        steps = min(steps, train.max_steps)
-    noise = cfg.noise_multiplier
-    if cfg.target_epsilon > 0:
-        from opacus.accountants.utils import get_noise_multiplier
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            noise = float(
-                get_noise_multiplier(
-                    target_epsilon=cfg.target_epsilon,
-                    target_delta=cfg.delta,
-                    sample_rate=q,
-                    steps=steps * num_rounds,
-                    accountant=cfg.accountant,
-                )
-            )
-    return RoundPlan(noise, q, steps)
 
 
 def train_private(
@@ -191,7 +75,7 @@ def train_private(
     dp_module, dp_optimizer, dp_loader = made[0], made[1], made[2]
     handles: list[RemovableHandle] = []
     try:
-        handles = _ia3_grad_sample_hooks(module, dp_optimizer.loss_reduction)
+        handles = _method_grad_sample_hooks(model, dp_optimizer.loss_reduction)
         with warnings.catch_warnings():
             # Opacus' hooks on a frozen backbone: the inputs need no gradient, by design.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -205,6 +89,17 @@ def train_private(
         for p in params:
             p.grad_sample = None  # type: ignore[attr-defined]
         module.eval()
+
+
+def _method_grad_sample_hooks(model: FedModel, loss_reduction: str) -> list[RemovableHandle]:
+    """The trained method's own per-sample-gradient hooks (none where Opacus needs no help)."""
+    hooks = get_method(model.method).grad_sample_hooks
+    if hooks is None:
+        return []
+    try:
+        return hooks(model.module, loss_reduction)
+    except GradSampleError as err:
+        raise PrivacyError(str(err)) from err
 
 
 def _dp_steps(
@@ -289,67 +184,6 @@ def _forward_params(model: FedModel) -> set[str]:
         if not any(f"{table}." in name for name in model.params):
             accepted.discard(ids)
     return accepted
-
-
-def _ia3_grad_sample_hooks(module: nn.Module, loss_reduction: str) -> list[RemovableHandle]:
-    """Per-sample gradients of the (IA)^3 vectors, which Opacus' hooks cannot reach.
-
-    peft keeps each vector in a ``ParameterDict`` that the layer reads but never calls,
-    so Opacus hooks a module that never runs ("Per sample gradient is not initialized").
-    A forward hook on each (IA)^3 layer (found by its ``ia3_l`` vectors: only
-    ``fedpeft.models`` imports peft) computes ``grad_sample`` itself, on the scale Opacus
-    uses (per-example loss, so times the batch size for a mean loss).  The guards check the
-    result like any other per-sample gradient.
-    """
-    handles = []
-    for layer in module.modules():
-        vectors = getattr(layer, "ia3_l", None)
-        if not isinstance(vectors, nn.ParameterDict) or not any(p.requires_grad for p in vectors.values()):
-            continue
-        base = getattr(layer, "base_layer", None)
-        if (
-            len(vectors) != 1
-            or not isinstance(base, nn.Linear)
-            or not hasattr(layer, "is_feedforward")
-            or getattr(layer, "fan_in_fan_out", False)
-            or getattr(layer, "merged", False)
-        ):
-            raise PrivacyError(
-                "method 'ia3': per-sample gradients are implemented for one unmerged (IA)^3 "
-                f"adapter on nn.Linear layers, not on {type(layer).__name__} over {type(base).__name__}"
-            )
-        (vector,) = vectors.values()
-        hook = functools.partial(_ia3_forward_hook, vector=vector, per_example=loss_reduction == "mean")
-        handles.append(layer.register_forward_hook(hook))
-    return handles
-
-
-def _ia3_forward_hook(
-    layer: nn.Module,
-    inputs: tuple[torch.Tensor, ...],
-    output: torch.Tensor,
-    *,
-    vector: nn.Parameter,
-    per_example: bool,
-) -> None:
-    if not (torch.is_grad_enabled() and output.requires_grad):
-        return
-    x = inputs[0].detach()
-
-    def on_grad(grad: torch.Tensor) -> None:
-        batch = grad.shape[0]
-        g = grad.detach() * batch if per_example else grad.detach()
-        base: Any = layer.base_layer
-        with torch.no_grad():
-            if layer.is_feedforward:  # out = base(x * v): d out / d v = x * (dL/d(x * v))
-                act, back = x.to(vector.dtype), g @ base.weight
-            else:  # out = base(x) * v: d out / d v = base(x) * dL/d out
-                act, back = base(x), g
-            sample = (act * back).reshape(batch, -1, act.shape[-1]).sum(dim=1).reshape(batch, *vector.shape)
-        previous = getattr(vector, "grad_sample", None)
-        vector.grad_sample = sample if previous is None else previous + sample  # type: ignore[attr-defined]
-
-    output.register_hook(on_grad)
 
 
 def _check_optimizer(model: FedModel, dp_optimizer: torch.optim.Optimizer) -> None:
