@@ -128,10 +128,10 @@ def resolve_config(
 
 def preflight(cfg: RunConfig) -> None:
     """Resolve every registry entry and the dataset now, so errors come before Ray starts."""
-    from fedpeft import task
     from fedpeft.apps.server_app import strategy_stack
     from fedpeft.models import get_method
     from fedpeft.rejections import RejectionLog
+    from fedpeft.tasks import get_task
     from strategies import resolve_strategy
 
     get_method(cfg.peft.method)
@@ -142,7 +142,7 @@ def preflight(cfg: RunConfig) -> None:
         from fedpeft.checkpoint import Checkpoint
 
         Checkpoint.load(run_dir_for(cfg))
-    if task.num_labels(cfg) < 2:
+    if get_task(cfg).num_outputs(cfg) < 2:
         raise ConfigError(f"config key 'data.dataset': {cfg.data.dataset!r} has fewer than 2 classes")
 
 

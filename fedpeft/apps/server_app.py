@@ -18,7 +18,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fedpeft import task
 from fedpeft.checkpoint import (
     CLIENT_STATE_DIR,
     Checkpoint,
@@ -31,7 +30,6 @@ from fedpeft.checkpoint import (
 from fedpeft.codecs.alpha import AlphaSearch
 from fedpeft.codecs.flower import CompressedTransport
 from fedpeft.config import ConfigError, RunConfig
-from fedpeft.data import partition_stats
 from fedpeft.guard import UpdateGuard
 from fedpeft.metering import MeteredGrid
 from fedpeft.models import FedModel, get_model
@@ -41,7 +39,7 @@ from fedpeft.recorder import RoundRecorder
 from fedpeft.rejections import RejectionLog
 from fedpeft.results import ResultsWriter, default_run_name
 from fedpeft.runtime import quiet_libraries, seed_everything
-from fedpeft.training import evaluate
+from fedpeft.tasks import get_task
 from fedpeft.wire import METRICS_KEY, from_record, to_record
 from strategies import build_strategy
 from strategies.wrapper import wrapper_chain
@@ -93,8 +91,9 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     quiet_libraries()
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
-    labels = task.source(cfg).label_names
-    model = get_model(cfg.for_server(), len(labels))
+    task = get_task(cfg)
+    labels = task.label_names(cfg)
+    model = get_model(cfg.for_server(), task.num_outputs(cfg))
     test_set = task.server_test_set(cfg)
     run_dir = run_dir_for(cfg)
     ckpt = Checkpoint.load(run_dir) if cfg.resume else None
@@ -111,7 +110,8 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
 
     def evaluate_global(arrays: ArrayRecord) -> tuple[float, float]:
         model.load_exchange_state(from_record(arrays))
-        return evaluate(model, test_set, cfg.train.eval_batch_size)
+        result = task.evaluate(model, test_set, cfg.train.eval_batch_size)
+        return result.loss, result.metrics["accuracy"]
 
     metered = MeteredGrid(grid)
     partition_of: dict[int, int] = {}
@@ -270,11 +270,12 @@ def check_compatible(cfg: RunConfig, strategy: Strategy) -> None:
 
 def validation_scorer(model: FedModel, cfg: RunConfig) -> Callable[[dict[str, Any]], float]:
     """arrays -> loss on the server's validation split (codec.alpha-search)."""
+    task = get_task(cfg)
     data = task.server_validation_set(cfg)
 
     def score(arrays: dict[str, Any]) -> float:
         model.load_exchange_state(arrays)
-        return evaluate(model, data, cfg.train.eval_batch_size)[0]
+        return task.evaluate(model, data, cfg.train.eval_batch_size).loss
 
     return score
 
@@ -368,6 +369,5 @@ def _int(metrics: MetricRecord, key: str) -> int:
 def _write_partition_stats(writer: ResultsWriter, cfg: RunConfig) -> None:
     import json
 
-    train = task.split(cfg)[0]
-    stats = partition_stats(train, cfg.data, cfg.num_clients, cfg.seed)
+    stats = get_task(cfg).partition_stats(cfg)
     (writer.run_dir / "partitions.json").write_text(json.dumps(stats, indent=1))

@@ -7,12 +7,13 @@ import pytest
 import torch
 from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
 
-from fedpeft import privacy, task
+from fedpeft import privacy
 from fedpeft.apps import client_app as client_module
 from fedpeft.apps.server_app import run_server
 from fedpeft.config import ConfigError, DPConfig, RunConfig, TrainConfig
 from fedpeft.models import build_model
 from fedpeft.results import read_rounds
+from fedpeft.tasks import get_task
 from fedpeft.testing import DirectGrid
 from tests.conftest import TINY
 
@@ -62,7 +63,8 @@ def test_target_epsilon_is_spent_by_exactly_the_planned_rounds():
 @pytest.fixture(scope="module")
 def lora():
     cfg = RunConfig.from_run_config(TINY | {"dp.mode": "local"})
-    return cfg, build_model(cfg, task.num_labels(cfg)), task.client_train_set(cfg, 0, 3)
+    task = get_task(cfg)
+    return cfg, build_model(cfg, task.num_outputs(cfg)), task.client_train_set(cfg, 0, 3)
 
 
 def test_private_training_moves_the_adapter_and_can_repeat_on_the_cached_model(lora):
@@ -175,7 +177,8 @@ def test_full_fine_tuning_under_dp_gets_per_example_embedding_gradients():
     # BERT looks position / token-type embeddings up with a (1, L) buffer: without explicit
     # (B, L) ids Opacus would see a batch of 1 there, and the guard refuses to train.
     cfg = RunConfig.from_run_config(TINY | {"dp.mode": "local", "peft.method": "full"})
-    model = build_model(cfg, task.num_labels(cfg))
+    task = get_task(cfg)
+    model = build_model(cfg, task.num_outputs(cfg))
     data = task.client_train_set(cfg, 0, 3)
     inputs = privacy._per_example_inputs(
         data.input_ids[:4], data.attention_mask[:4], privacy._forward_params(model)
