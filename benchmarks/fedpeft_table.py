@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import RESULTS, table, write
-from fedpeft import task
 from fedpeft.apps import client_app
 from fedpeft.apps.server_app import run_server
 from fedpeft.config import RunConfig
 from fedpeft.models import METHODS, get_model
 from fedpeft.results import human_bytes, read_rounds
 from fedpeft.runtime import quiet_libraries
+from fedpeft.tasks import get_task
 from fedpeft.testing import DirectGrid
 
 # AdamW learning rates: LoRA's default; the usual 5e-5 for full fine-tuning; prompt-style
@@ -125,7 +125,7 @@ def main() -> None:
                         "partition": part,
                         "method": method,
                         "learning_rate": o["train.learning-rate"],
-                        "trainable": get_model(cfg, task.num_labels(cfg)).num_trainable,
+                        "trainable": get_model(cfg, get_task(cfg).num_outputs(cfg)).num_trainable,
                     } | run(o, tmp, f"{dataset}-{part}-{method}")
                     records.append(rec)
                     print(_line(rec), flush=True)

@@ -22,30 +22,32 @@ import numpy as np
 import torch
 
 from benchmarks._common import table, write
-from fedpeft import task
 from fedpeft.config import RunConfig
 from fedpeft.launch import RayOptions, simulate
 from fedpeft.models import build_model
 from fedpeft.results import read_rounds
 from fedpeft.runtime import derive_seed, quiet_libraries
-from fedpeft.training import evaluate, train_local
+from fedpeft.tasks import get_task
+from fedpeft.training import train_local
 
 
 def in_process(cfg: RunConfig) -> list[float]:
     """Plain FedAvg loop, one shared model; seconds per round (train all + aggregate + evaluate)."""
-    labels = task.num_labels(cfg)
-    model = build_model(cfg, labels)
+    task = get_task(cfg)
+    model = build_model(cfg, task.num_outputs(cfg))
     test = task.server_test_set(cfg)
     parts = [task.client_train_set(cfg, pid, cfg.num_clients) for pid in range(cfg.num_clients)]
     global_state = model.exchange_state()
-    evaluate(model, test, cfg.train.eval_batch_size)  # round 0, as the simulation does
+    task.evaluate(model, test, cfg.train.eval_batch_size)  # round 0, as the simulation does
     times = []
     for rnd in range(1, cfg.num_rounds + 1):
         t = time.perf_counter()
         states, weights = [], []
         for pid, data in enumerate(parts):
             model.load_exchange_state(global_state)
-            res = train_local(model, data, cfg.train, seed=derive_seed(cfg.seed, "train", rnd, pid))
+            res = train_local(
+                model, data, cfg.train, seed=derive_seed(cfg.seed, "train", rnd, pid), task=task
+            )
             states.append(model.exchange_state())
             weights.append(res.num_examples)
         w = np.asarray(weights, dtype=np.float64) / sum(weights)
@@ -54,7 +56,7 @@ def in_process(cfg: RunConfig) -> list[float]:
             for k in global_state
         }
         model.load_exchange_state(global_state)
-        evaluate(model, test, cfg.train.eval_batch_size)
+        task.evaluate(model, test, cfg.train.eval_batch_size)
         times.append(time.perf_counter() - t)
     return times
 

@@ -6,9 +6,11 @@ Flower hands every app a flat ``run_config`` (``[tool.flwr.app.config]`` in
 only place in the code base that reads those raw keys: every other module receives
 the frozen dataclasses below.
 
-Validation happens once, before anything is trained: an unknown key names the key,
-suggests the closest valid one and lists them all; a bad value names the key and the
-allowed values or range.
+Validation happens before anything is trained: an unknown key names the key, suggests
+the closest valid one and lists them all; a bad value names the key and the allowed
+values or range.  Every dataclass checks its own fields in ``__post_init__`` (through
+:func:`check_fields`), so one built in code (``TrainConfig(learning_rate=-1)``, in a
+benchmark or a notebook) fails with the same message as the run config would.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import random
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import tomllib
 
@@ -58,8 +60,132 @@ def unknown_choice(key: str, value: object, options: typing.Iterable[str]) -> Co
     )
 
 
+# ---------------------------------------------------------------------- checks
+def _is_value_field(fld: dataclasses.Field[Any]) -> bool:
+    """A plain setting (not a section, nor a field built by a factory such as codec options)."""
+    return fld.default is not dataclasses.MISSING and not dataclasses.is_dataclass(fld.default)
+
+
+def check_fields(obj: Any, section: str) -> dict[str, Any]:
+    """Check every setting of config dataclass ``obj`` against its type and metadata.
+
+    ``section`` prefixes the keys errors name (``""`` for top-level keys).  Returns the
+    fields whose value must be stored normalised (an int given for a float, a list for a
+    tuple); raises :class:`ConfigError` on the first bad one.
+    """
+    changed: dict[str, Any] = {}
+    for fld in dataclasses.fields(obj):
+        if not _is_value_field(fld):
+            continue
+        value = getattr(obj, fld.name)
+        name = fld.name.replace("_", "-")
+        checked = check_value(f"{section}.{name}" if section else name, fld, value)
+        if checked is not value:
+            changed[fld.name] = checked
+    return changed
+
+
+def check_value(key: str, fld: dataclasses.Field[Any], value: object) -> Any:
+    """Check one value of field ``fld`` (type, choices, registry, range); return it normalised."""
+    kind = type(fld.default)
+    if kind is tuple:
+        if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config key '{key}' expects a tuple of strings, got {value!r}")
+        return value if isinstance(value, tuple) else tuple(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' expects true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        value = float(value)
+    elif kind is str and not isinstance(value, str):
+        raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+    meta = fld.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        raise unknown_choice(key, value, meta["choices"])
+    if "registry" in meta and value not in meta["registry"]():
+        raise unknown_choice(key, value, meta["registry"]())
+    lo, hi = meta.get("min"), meta.get("max")
+    assert isinstance(value, (int, float, str))
+    if (
+        lo is not None
+        and isinstance(value, (int, float))
+        and (value < lo or (meta.get("lo_open") and value == lo))
+    ):
+        op = ">" if meta.get("lo_open") else ">="
+        raise ConfigError(f"config key '{key}' must be {op} {lo}, got {value!r}")
+    if hi is not None and isinstance(value, (int, float)) and value > hi:
+        raise ConfigError(f"config key '{key}' must be <= {hi}, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------- ranks
+def parse_ranks(spec: tuple[str, ...]) -> list[tuple[int, float]]:
+    """``("4", "8")`` -> [(4, 0), (8, 0)] (a list); ``("4:0.5", "8:0.5")`` -> a distribution."""
+    out: list[tuple[int, float]] = []
+    for item in spec:
+        rank, _, weight = item.partition(":")
+        try:
+            r, w = int(rank), float(weight) if weight else 0.0
+        except ValueError:
+            raise ConfigError(
+                f"config key 'lora.ranks': cannot read {item!r}; give ranks ('4,8,16') "
+                "or rank:probability pairs ('4:0.5,8:0.5')"
+            ) from None
+        if r < 1 or w < 0:
+            raise ConfigError(f"config key 'lora.ranks': {item!r} needs a rank >= 1 and a probability >= 0")
+        out.append((r, w))
+    weighted = {bool(item.partition(":")[2]) for item in spec}
+    if len(weighted) > 1:
+        raise ConfigError("config key 'lora.ranks': mix of plain ranks and rank:probability pairs")
+    if weighted == {True} and not math.isclose(sum(w for _, w in out), 1.0, abs_tol=1e-6):
+        raise ConfigError(f"config key 'lora.ranks': probabilities sum to {sum(w for _, w in out)}, not 1")
+    return out
+
+
+def rank_of(spec: tuple[str, ...], default: int, partition_id: int, seed: int) -> int:
+    """Client ``partition_id``'s rank under ``spec`` (see :attr:`LoraConfig.ranks`)."""
+    parsed = parse_ranks(spec)
+    if not parsed:
+        return default
+    if all(w == 0 for _, w in parsed):
+        return parsed[partition_id % len(parsed)][0]
+    # A draw that depends on (seed, partition) only, never on call order.
+    rng = random.Random(f"fedpeft-lora-rank-{seed}-{partition_id}")
+    return rng.choices([r for r, _ in parsed], weights=[w for _, w in parsed])[0]
+
+
+# ---------------------------------------------------------------------- sections
+class Section:
+    """Base of the config dataclasses: each checks its fields when it is built.
+
+    ``section`` (a class keyword) is the prefix of its run-config keys (``"train"`` for
+    ``train.learning-rate``; ``""`` for the top-level keys of :class:`RunConfig`), so an
+    error names the key whichever way the object was built.
+    """
+
+    _section: ClassVar[str] = ""
+
+    def __init_subclass__(cls, section: str = "", **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._section = section
+
+    def __post_init__(self) -> None:
+        for name, value in check_fields(self, self._section).items():
+            object.__setattr__(self, name, value)  # an int given for a float, a list for a tuple
+        self._check()
+
+    def _check(self) -> None:
+        """Checks beyond one field's type, choices and range (none unless overridden)."""
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section, section="model"):
     """Which pretrained backbone to load and how to tokenize for it."""
 
     # "minilm" resolves the packaged all-MiniLM-L6-v2 folder; anything else is passed
@@ -69,7 +195,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class LoraConfig:
+class LoraConfig(Section, section="lora"):
     """Fields of HF peft's ``LoraConfig`` reachable from the run config."""
 
     r: int = field(default=8, metadata=_range(1, 4096))
@@ -85,6 +211,11 @@ class LoraConfig:
     # that serves mixed ranks (flexlora, flora).
     ranks: tuple[str, ...] = ()
 
+    def _check(self) -> None:
+        if not self.target_modules:
+            raise ConfigError("config key 'lora.target-modules' must name at least one module")
+        parse_ranks(self.ranks)  # raises on a malformed list or distribution
+
     def rank_of(self, partition_id: int, seed: int) -> int:
         """The LoRA rank of client ``partition_id`` (the same on the server and the client)."""
         return rank_of(self.ranks, self.r, partition_id, seed)
@@ -94,22 +225,35 @@ class LoraConfig:
         return [self.rank_of(pid, seed) for pid in range(num_clients)]
 
 
+def _task_names() -> tuple[str, ...]:
+    from fedpeft.tasks.registry import TASKS  # the registry imports this module
+
+    return tuple(TASKS)
+
+
 @dataclass(frozen=True)
-class PeftConfig:
+class TaskConfig(Section, section="task"):
+    """Which learning task the run trains (``fedpeft.tasks``): data formatting, loss, metrics."""
+
+    name: str = field(default="sequence-classification", metadata={"registry": _task_names})
+
+
+@dataclass(frozen=True)
+class PeftConfig(Section, section="peft"):
     """Which parameter-efficient method trains (and travels); see ``fedpeft.models.methods``."""
 
     method: str = "lora"
 
 
 @dataclass(frozen=True)
-class PromptConfig:
+class PromptConfig(Section, section="prompt"):
     """Prompt tuning (Lester et al., 2021) through HF peft's ``PromptTuningConfig``."""
 
     num_virtual_tokens: int = field(default=10, metadata=_range(1, 512))
 
 
 @dataclass(frozen=True)
-class PrefixConfig:
+class PrefixConfig(Section, section="prefix"):
     """Prefix tuning (Li & Liang, 2021) through HF peft's ``PrefixTuningConfig``."""
 
     num_virtual_tokens: int = field(default=10, metadata=_range(1, 512))
@@ -118,7 +262,7 @@ class PrefixConfig:
 
 
 @dataclass(frozen=True)
-class IA3Config:
+class IA3Config(Section, section="ia3"):
     """(IA)^3 (Liu et al., 2022) through HF peft's ``IA3Config``; "" = peft's defaults for the model."""
 
     target_modules: tuple[str, ...] = ()
@@ -126,7 +270,7 @@ class IA3Config:
 
 
 @dataclass(frozen=True)
-class AdapterConfig:
+class AdapterConfig(Section, section="adapter"):
     """Bottleneck adapters (Houlsby et al., 2019), the "adapter" of FedPEFT."""
 
     # Width of the down-projection.
@@ -137,7 +281,7 @@ class AdapterConfig:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Section, section="data"):
     """Dataset source, server test split and the non-IID partitioning of the rest."""
 
     # "bbc-news", "wordnet-nouns", a local .csv/.jsonl/.json/.parquet file, or a hub name.
@@ -166,7 +310,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section, section="train"):
     """Local training on each client (and evaluation batch size on the server)."""
 
     local_epochs: int = field(default=1, metadata=_range(1))
@@ -195,7 +339,7 @@ def _codec_defaults() -> tuple[tuple[str, Any], ...]:
 
 
 @dataclass(frozen=True)
-class CodecConfig:
+class CodecConfig(Section, section="codec"):
     """How updates travel (``fedpeft.codecs``): a registered codec each way, error feedback,
     and each codec's own settings (``codec.<name>.<key>``, in :attr:`options`)."""
 
@@ -227,6 +371,11 @@ class CodecConfig:
     alpha_search: tuple[str, ...] = ("1", "2", "4", "8")
     # Each codec's own settings, name -> frozen dataclass (codec.<name>.<key> run-config keys).
     options: tuple[tuple[str, Any], ...] = field(default_factory=_codec_defaults)
+
+    def _check(self) -> None:
+        self.alpha_candidates()  # raises on a malformed list
+        for name, settings in self.options:  # each codec's own section (codec.<name>.<key>)
+            check_fields(settings, f"codec.{name}")
 
     def settings(self) -> dict[str, Any]:
         """Codec name -> its settings object."""
@@ -264,7 +413,7 @@ class CodecConfig:
 
 
 @dataclass(frozen=True)
-class DPConfig:
+class DPConfig(Section, section="dp"):
     """Differential privacy: sample-level DP-SGD on clients (Opacus) and/or user-level central DP.
 
     ``local``: every client trains with DP-SGD (Abadi et al., 2016) and keeps a privacy
@@ -292,7 +441,7 @@ class DPConfig:
 
 
 @dataclass(frozen=True)
-class FailureConfig:
+class FailureConfig(Section, section="failures"):
     """Injected client failures (``fedpeft.faults``): per sampled client and round, seeded."""
 
     # The client raises (an error reply).
@@ -302,12 +451,16 @@ class FailureConfig:
     # The client trains, then crashes before replying (no reply in time; its state as before).
     drop_probability: float = field(default=0.0, metadata=_range(0.0, 1.0))
 
+    def _check(self) -> None:
+        if self.raise_probability + self.hang_probability + self.drop_probability > 1.0:
+            raise ConfigError("config keys 'failures.*-probability' must sum to at most 1")
+
     def active(self) -> bool:
         return self.raise_probability + self.hang_probability + self.drop_probability > 0
 
 
 @dataclass(frozen=True)
-class StrategyConfig:
+class StrategyConfig(Section, section="strategy"):
     """Server aggregation: a registered name or an importable ``module:Class``.
 
     ``kwargs`` holds the strategy's own settings as ``name=value`` pairs, comma-separated
@@ -323,6 +476,9 @@ class StrategyConfig:
     # > 0: a client update (reply - what it was sent) with a larger L2 norm is rejected
     # before aggregation and recorded; NaN / Inf, wrong names or shapes always are.
     max_update_norm: float = field(default=0.0, metadata=_range(0.0))
+
+    def _check(self) -> None:
+        parse_kwargs(self.kwargs)  # raises on a malformed pair
 
     def kwarg_dict(self) -> dict[str, ConfigValue]:
         """The settings as constructor keyword arguments (dashes become underscores)."""
@@ -375,8 +531,9 @@ def parse_set(items: list[str]) -> dict[str, ConfigValue]:
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """Everything a run needs, validated; built once by :meth:`from_run_config`."""
+class RunConfig(Section):
+    """Everything a run needs, validated; built once by :meth:`from_run_config` (or in code:
+    the same checks run, the sections' own and those across sections)."""
 
     seed: int = 0
     num_rounds: int = field(default=5, metadata=_range(1))
@@ -398,6 +555,7 @@ class RunConfig:
     resume: bool = False
     # Seconds the server waits for all clients to announce themselves.
     connect_timeout: float = field(default=600.0, metadata=_range(0.0, lo_open=True))
+    task: TaskConfig = field(default_factory=TaskConfig)  # its default reads the task registry
     model: ModelConfig = ModelConfig()
     peft: PeftConfig = PeftConfig()
     lora: LoraConfig = LoraConfig()
@@ -418,7 +576,9 @@ class RunConfig:
         """Build and validate from Flower's flat run config (``section.key`` names).
 
         Keys not given keep their defaults; an unknown key or a bad value raises
-        :class:`ConfigError` naming it.
+        :class:`ConfigError` naming it.  Each value is checked as it is read (the first bad
+        key in the given order is the one reported), with the function the dataclasses'
+        ``__post_init__`` use; what spans fields is checked as the objects are built.
         """
         schema = config_schema()
         sections: dict[str, dict[str, Any]] = {}
@@ -449,29 +609,21 @@ class RunConfig:
             sections.setdefault("lora", {})["freeze_a"] = True
         for section, values in sections.items():
             top[section] = dataclasses.replace(getattr(cls(), section), **values)
-        cfg = cls(**top)
-        cfg._check_cross_field()
-        return cfg
+        return cls(**top)
 
-    def _check_cross_field(self) -> None:
+    def _check(self) -> None:
+        """Checks across sections (each section checked itself when it was built)."""
         if self.min_train_clients > self.num_clients:
             raise ConfigError(
                 f"config key 'min-train-clients' ({self.min_train_clients}) must not exceed "
                 f"'num-clients' ({self.num_clients})"
             )
-        if not self.lora.target_modules:
-            raise ConfigError("config key 'lora.target-modules' must name at least one module")
         f = self.failures
-        if f.raise_probability + f.hang_probability + f.drop_probability > 1.0:
-            raise ConfigError("config keys 'failures.*-probability' must sum to at most 1")
         if (f.hang_probability or f.drop_probability) and self.round_timeout > 600:
             raise ConfigError(
                 f"config keys 'failures.hang-probability' / 'failures.drop-probability' make clients stay "
                 f"away past 'round-timeout' ({self.round_timeout:g} s): set round-timeout to at most 600"
             )
-        parse_ranks(self.lora.ranks)  # raises on a malformed list or distribution
-        parse_kwargs(self.strategy.kwargs)
-        self.codec.alpha_candidates()  # raises on a malformed list
         if self.peft.method != "lora" and (self.lora.ranks or self.lora.freeze_a):
             raise ConfigError(
                 f"config keys 'lora.ranks' / 'lora.freeze-a' (or strategy 'ffa-lora') need "
@@ -523,42 +675,6 @@ class RunConfig:
         return out
 
 
-# ---------------------------------------------------------------------- ranks
-def parse_ranks(spec: tuple[str, ...]) -> list[tuple[int, float]]:
-    """``("4", "8")`` -> [(4, 0), (8, 0)] (a list); ``("4:0.5", "8:0.5")`` -> a distribution."""
-    out: list[tuple[int, float]] = []
-    for item in spec:
-        rank, _, weight = item.partition(":")
-        try:
-            r, w = int(rank), float(weight) if weight else 0.0
-        except ValueError:
-            raise ConfigError(
-                f"config key 'lora.ranks': cannot read {item!r}; give ranks ('4,8,16') "
-                "or rank:probability pairs ('4:0.5,8:0.5')"
-            ) from None
-        if r < 1 or w < 0:
-            raise ConfigError(f"config key 'lora.ranks': {item!r} needs a rank >= 1 and a probability >= 0")
-        out.append((r, w))
-    weighted = {bool(item.partition(":")[2]) for item in spec}
-    if len(weighted) > 1:
-        raise ConfigError("config key 'lora.ranks': mix of plain ranks and rank:probability pairs")
-    if weighted == {True} and not math.isclose(sum(w for _, w in out), 1.0, abs_tol=1e-6):
-        raise ConfigError(f"config key 'lora.ranks': probabilities sum to {sum(w for _, w in out)}, not 1")
-    return out
-
-
-def rank_of(spec: tuple[str, ...], default: int, partition_id: int, seed: int) -> int:
-    """Client ``partition_id``'s rank under ``spec`` (see :attr:`LoraConfig.ranks`)."""
-    parsed = parse_ranks(spec)
-    if not parsed:
-        return default
-    if all(w == 0 for _, w in parsed):
-        return parsed[partition_id % len(parsed)][0]
-    # A draw that depends on (seed, partition) only, never on call order.
-    rng = random.Random(f"fedpeft-lora-rank-{seed}-{partition_id}")
-    return rng.choices([r for r, _ in parsed], weights=[w for _, w in parsed])[0]
-
-
 # ---------------------------------------------------------------------- schema
 _SECTIONS: dict[str, type] = {}
 
@@ -607,39 +723,10 @@ def _nested_sections() -> dict[str, type]:
 
 
 def _convert(key: str, fld: dataclasses.Field[Any], value: object) -> Any:
-    """Coerce one raw value to the field's type and check its metadata bounds."""
-    kind = type(fld.default)
-    if kind is tuple:
+    """Read one raw run-config value: a comma-separated string for a tuple field, then the
+    checks every construction runs (:func:`check_value`)."""
+    if isinstance(fld.default, tuple):
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' expects a comma-separated string, got {value!r}")
         return tuple(part.strip() for part in value.split(",") if part.strip())
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' expects true or false, got {value!r}")
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
-    elif kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
-        value = float(value)
-    elif kind is str and not isinstance(value, str):
-        raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
-    meta = fld.metadata
-    if "choices" in meta and value not in meta["choices"]:
-        raise unknown_choice(key, value, meta["choices"])
-    if "registry" in meta and value not in meta["registry"]():
-        raise unknown_choice(key, value, meta["registry"]())
-    lo, hi = meta.get("min"), meta.get("max")
-    assert isinstance(value, (int, float, str))
-    if (
-        lo is not None
-        and isinstance(value, (int, float))
-        and (value < lo or (meta.get("lo_open") and value == lo))
-    ):
-        op = ">" if meta.get("lo_open") else ">="
-        raise ConfigError(f"config key '{key}' must be {op} {lo}, got {value!r}")
-    if hi is not None and isinstance(value, (int, float)) and value > hi:
-        raise ConfigError(f"config key '{key}' must be <= {hi}, got {value!r}")
-    return value
+    return check_value(key, fld, value)

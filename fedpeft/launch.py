@@ -121,10 +121,10 @@ def resolve_config(
 
 def preflight(cfg: RunConfig) -> None:
     """Resolve every registry entry and the dataset now, so errors come before Ray starts."""
-    from fedpeft import task
     from fedpeft.models import get_method
     from fedpeft.server.rejections import RejectionLog
     from fedpeft.server.stack import strategy_stack
+    from fedpeft.tasks import get_task
     from strategies import resolve_strategy
 
     get_method(cfg.peft.method)
@@ -135,7 +135,7 @@ def preflight(cfg: RunConfig) -> None:
         from fedpeft.results import run_dir_for
 
         Checkpoint.load(run_dir_for(cfg))
-    if task.num_labels(cfg) < 2:
+    if get_task(cfg).num_outputs(cfg) < 2:
         raise ConfigError(f"config key 'data.dataset': {cfg.data.dataset!r} has fewer than 2 classes")
 
 

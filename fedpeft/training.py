@@ -1,7 +1,11 @@
 """Local training and evaluation loops: plain PyTorch, seeded per (seed, round, client).
 
-Kept free of Flower so that the same functions drive the federated clients, the server's
-global evaluation and the in-process baseline of ``benchmarks/simulation_overhead``.
+The loops know nothing of the learning task: the task's examples batch themselves
+(:meth:`~fedpeft.tasks.Examples.batches`), the model's forward pass gives logits, and the
+task turns them into a loss (:meth:`~fedpeft.tasks.Task.loss`) or its metrics
+(:meth:`~fedpeft.tasks.Task.evaluate`, over :func:`forward_batches`).  Kept free of Flower
+so that the same functions drive the federated clients, the server's global evaluation
+and the in-process baseline of ``benchmarks/simulation_overhead``.
 """
 
 from __future__ import annotations
@@ -11,11 +15,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from transformers import PreTrainedTokenizerBase
 
 from fedpeft.config import TrainConfig
 from fedpeft.models import FedModel
+from fedpeft.tasks.base import Batch, Examples, Task
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,18 @@ class Encoded:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def batches(self, order: torch.Tensor, batch_size: int, device: torch.device) -> Iterator[Batch]:
+        """The rows ``order`` in batches, each trimmed to its own longest row (dynamic padding)."""
+        for start in range(0, len(order), batch_size):
+            sel = order[start : start + batch_size]
+            mask = self.attention_mask[sel]
+            width = int(mask.sum(dim=1).max())
+            inputs = {
+                "input_ids": self.input_ids[sel, :width].to(device),
+                "attention_mask": mask[:, :width].to(device),
+            }
+            yield inputs, self.labels[sel].to(device)
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -37,39 +52,16 @@ class TrainResult:
     loss: float  # mean training loss over the steps taken
 
 
-def encode(
-    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], labels: Sequence[int], max_length: int
-) -> Encoded:
-    """Tokenize once (truncate to ``max_length``); done once per process and partition."""
-    enc = tokenizer(
-        list(texts), truncation=True, max_length=max_length, padding="longest", return_tensors="pt"
-    )
-    return Encoded(enc["input_ids"], enc["attention_mask"], torch.as_tensor(list(labels), dtype=torch.long))
-
-
-def _batches(
-    data: Encoded, idx: torch.Tensor, batch_size: int, device: torch.device
-) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    for start in range(0, len(idx), batch_size):
-        sel = idx[start : start + batch_size]
-        mask = data.attention_mask[sel]
-        width = int(mask.sum(dim=1).max())  # dynamic padding: trim to this batch's longest row
-        inputs = {
-            "input_ids": data.input_ids[sel, :width].to(device),
-            "attention_mask": mask[:, :width].to(device),
-        }
-        yield inputs, data.labels[sel].to(device)
-
-
 def proximal_term(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
     """FedProx's (Li et al., 2020) ``mu / 2 * ||w - w_global||^2`` over the exchanged tensors."""
     return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))  # type: ignore[return-value]
 
 
 def train_local(
-    model: FedModel, data: Encoded, cfg: TrainConfig, seed: int, proximal_mu: float = 0.0
+    model: FedModel, data: Examples, cfg: TrainConfig, seed: int, proximal_mu: float = 0.0, *, task: Task
 ) -> TrainResult:
-    """Run ``cfg.local_epochs`` epochs (capped at ``cfg.max_steps``) of AdamW on the exchanged params.
+    """Run ``cfg.local_epochs`` epochs (capped at ``cfg.max_steps``) of AdamW on the exchanged
+    params, minimising ``task``'s loss.
 
     ``seed`` fixes dropout and the shuffling order, so a client's round is reproducible
     whichever worker runs it.  ``proximal_mu > 0`` adds FedProx's proximal term, anchored
@@ -87,16 +79,15 @@ def train_local(
     steps, total, seen = 0, 0.0, 0
     for _ in range(cfg.local_epochs):
         order = torch.randperm(len(data), generator=gen)
-        for inputs, labels in _batches(data, order, cfg.batch_size, model.device):
-            logits = module(**inputs).logits
-            loss = F.cross_entropy(logits, labels)
+        for inputs, targets in data.batches(order, cfg.batch_size, model.device):
+            loss = task.loss(module(**inputs).logits, targets)
             objective = loss + proximal_term(params, anchor, proximal_mu) if anchor else loss
             optim.zero_grad(set_to_none=True)
             objective.backward()
             optim.step()
             steps += 1
             total += float(loss.detach())
-            seen += int(labels.shape[0])
+            seen += int(targets.shape[0])
             if cfg.max_steps and steps >= cfg.max_steps:
                 break
         if cfg.max_steps and steps >= cfg.max_steps:
@@ -106,14 +97,14 @@ def train_local(
 
 
 @torch.no_grad()
-def evaluate(model: FedModel, data: Encoded, batch_size: int) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy of ``model`` on ``data``."""
+def forward_batches(
+    model: FedModel, data: Examples, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, targets) of every batch of ``data`` in order: eval mode, no gradients.
+
+    What a task's :meth:`~fedpeft.tasks.Task.evaluate` accumulates its loss and metrics over.
+    """
     module = model.module
     module.eval()
-    loss_sum, correct = 0.0, 0
-    for inputs, labels in _batches(data, torch.arange(len(data)), batch_size, model.device):
-        logits = module(**inputs).logits.float()
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(dim=-1) == labels).sum())
-    n = max(len(data), 1)
-    return loss_sum / n, correct / n
+    for inputs, targets in data.batches(torch.arange(len(data)), batch_size, model.device):
+        yield module(**inputs).logits, targets

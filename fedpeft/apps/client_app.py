@@ -1,7 +1,7 @@
 """The Flower ClientApp: train the exchanged tensors of a cached model on this node's partition.
 
 Per worker process the backbone is loaded once (``fedpeft.models.get_model``) and each
-partition tokenized once (``fedpeft.task``); a message only swaps the exchanged tensors
+partition prepared once (by the run's task, ``fedpeft.tasks``); a message only swaps the exchanged tensors
 in, trains, and sends them back.  What leaves the client is the exchanged tensors and
 scalar metrics, nothing else.
 """
@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
-from fedpeft import privacy, task
+from fedpeft import privacy
 from fedpeft.checkpoint import ClientStateStore
 from fedpeft.codecs.flower import codec_client_mod
 from fedpeft.config import ConfigValue, RunConfig
@@ -24,7 +24,8 @@ from fedpeft.crash import crash_point
 from fedpeft.faults import failure_mod
 from fedpeft.models import FedModel, get_model, model_cache_info
 from fedpeft.runtime import derive_seed, quiet_libraries
-from fedpeft.training import Encoded, evaluate, train_local
+from fedpeft.tasks import Evaluation, Examples, get_task
+from fedpeft.training import Encoded, train_local
 from fedpeft.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, from_record, to_record
 
 app = ClientApp()
@@ -37,11 +38,12 @@ def _config(items: frozenset[tuple[str, ConfigValue]]) -> RunConfig:
     return RunConfig.from_run_config(dict(items))
 
 
-def _setup(context: Context) -> tuple[RunConfig, int, int, FedModel, Encoded]:
+def _setup(context: Context) -> tuple[RunConfig, int, int, FedModel, Examples]:
     cfg = _config(frozenset(context.run_config.items()))
     pid = int(context.node_config["partition-id"])
     num = int(context.node_config["num-partitions"])
-    model = get_model(cfg.for_partition(pid), task.num_labels(cfg))
+    task = get_task(cfg)
+    model = get_model(cfg.for_partition(pid), task.num_outputs(cfg))
     return cfg, pid, num, model, task.client_train_set(cfg, pid, num)
 
 
@@ -65,7 +67,8 @@ def describe(msg: Message, context: Context) -> Message:
     cfg = _config(frozenset(context.run_config.items()))
     pid = int(context.node_config["partition-id"])
     num = int(context.node_config["num-partitions"])
-    model = get_model(cfg.for_partition(pid), task.num_labels(cfg))
+    task = get_task(cfg)
+    model = get_model(cfg.for_partition(pid), task.num_outputs(cfg))
     num_examples = task.client_train_size(cfg, pid, num)
     metrics = MetricRecord(
         {
@@ -87,7 +90,7 @@ def _initial_state(context: Context) -> dict[str, np.ndarray]:
     """The exchanged tensors as this node builds them from the run seed (the codec's round 1)."""
     cfg = _config(frozenset(context.run_config.items()))
     pid = int(context.node_config["partition-id"])
-    return get_model(cfg.for_partition(pid), task.num_labels(cfg)).initial_state
+    return get_model(cfg.for_partition(pid), get_task(cfg).num_outputs(cfg)).initial_state
 
 
 codec_mod = codec_client_mod(
@@ -149,7 +152,13 @@ def train(msg: Message, context: Context) -> Message:
     dp_metrics: dict[str, int | float | list[int] | list[float]] = {}
     if _local_dp(cfg):
         plan = _plan(cfg, len(data))
-        result = privacy.train_private(model, data, cfg.train, plan, cfg.dp, seed, _proximal_mu(msg))
+        if not isinstance(data, Encoded):  # Opacus' loop reads token ids, masks and labels
+            raise TypeError(
+                f"local DP-SGD trains on tokenized text; task {cfg.task.name!r} gives {type(data)}"
+            )
+        result = privacy.train_private(
+            model, data, cfg.train, plan, cfg.dp, seed, _proximal_mu(msg), loss=get_task(cfg).loss
+        )
         ledger = privacy.Ledger.from_columns(context.state.config_records.get(LEDGER_STATE))
         ledger.add(plan.noise_multiplier, plan.sample_rate, result.steps)
         context.state[LEDGER_STATE] = ConfigRecord({**ledger.to_columns()})
@@ -158,7 +167,9 @@ def train(msg: Message, context: Context) -> Message:
             privacy.DP_EPSILON: ledger.epsilon(cfg.dp.delta, cfg.dp.accountant),
         }
     else:
-        result = train_local(model, data, cfg.train, seed=seed, proximal_mu=_proximal_mu(msg))
+        result = train_local(
+            model, data, cfg.train, seed=seed, proximal_mu=_proximal_mu(msg), task=get_task(cfg)
+        )
     crash_point("train")
     metrics = MetricRecord(
         {
@@ -181,9 +192,17 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     """Client-side evaluation of the global tensors on the local partition."""
     cfg, _, _, model, data = _setup(context)
     model.load_exchange_state(from_record(msg.content.array_records[ARRAYS_KEY]))
-    loss, acc = evaluate(model, data, cfg.train.eval_batch_size)
-    metrics = MetricRecord({"num-examples": len(data), "eval_loss": loss, "eval_acc": acc})
-    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+    result = get_task(cfg).evaluate(model, data, cfg.train.eval_batch_size)
+    return Message(RecordDict({METRICS_KEY: _eval_metrics(len(data), result)}), reply_to=msg)
+
+
+def _eval_metrics(num_examples: int, result: Evaluation) -> MetricRecord:
+    """``num-examples``, ``eval_loss`` and ``eval_<name>`` per metric of the task (``eval_acc``: accuracy)."""
+    names = {"accuracy": "acc"}
+    metrics = MetricRecord({"num-examples": num_examples, "eval_loss": result.loss})
+    for name, value in result.metrics.items():
+        metrics[f"eval_{names.get(name, name)}"] = value
+    return metrics
 
 
 def _proximal_mu(msg: Message) -> float:

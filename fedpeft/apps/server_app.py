@@ -18,10 +18,8 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedpeft import task
 from fedpeft.checkpoint import CLIENT_STATE_DIR, Checkpoint, prepare_resume, rng_state, set_rng_state
 from fedpeft.config import RunConfig
-from fedpeft.data import partition_stats
 from fedpeft.models import FedModel, get_model
 from fedpeft.results import ResultsWriter, run_dir_for, save_adapter
 from fedpeft.runtime import quiet_libraries, seed_everything
@@ -31,7 +29,7 @@ from fedpeft.server.meter import MeteredGrid
 from fedpeft.server.recorder import RoundRecorder
 from fedpeft.server.resume import RoundOffset, remap_nodes
 from fedpeft.server.stack import ServerState
-from fedpeft.training import evaluate
+from fedpeft.tasks import get_task
 from fedpeft.wire import from_record, to_record
 
 app = ServerApp()
@@ -48,8 +46,9 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     quiet_libraries()
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
-    labels = task.source(cfg).label_names
-    model = get_model(cfg.for_server(), len(labels))
+    task = get_task(cfg)
+    labels = task.label_names(cfg)
+    model = get_model(cfg.for_server(), task.num_outputs(cfg))
     test_set = task.server_test_set(cfg)
     run_dir = run_dir_for(cfg)
     ckpt = Checkpoint.load(run_dir) if cfg.resume else None
@@ -66,7 +65,8 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
 
     def evaluate_global(arrays: ArrayRecord) -> tuple[float, float]:
         model.load_exchange_state(from_record(arrays))
-        return evaluate(model, test_set, cfg.train.eval_batch_size)
+        result = task.evaluate(model, test_set, cfg.train.eval_batch_size)
+        return result.loss, result.metrics["accuracy"]
 
     metered = MeteredGrid(grid)
     partition_of: dict[int, int] = {}
@@ -131,16 +131,16 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
 
 def validation_scorer(model: FedModel, cfg: RunConfig) -> Callable[[dict[str, Any]], float]:
     """arrays -> loss on the server's validation split (codec.alpha-search)."""
+    task = get_task(cfg)
     data = task.server_validation_set(cfg)
 
     def score(arrays: dict[str, Any]) -> float:
         model.load_exchange_state(arrays)
-        return evaluate(model, data, cfg.train.eval_batch_size)[0]
+        return task.evaluate(model, data, cfg.train.eval_batch_size).loss
 
     return score
 
 
 def _write_partition_stats(writer: ResultsWriter, cfg: RunConfig) -> None:
-    train = task.split(cfg)[0]
-    stats = partition_stats(train, cfg.data, cfg.num_clients, cfg.seed)
+    stats = get_task(cfg).partition_stats(cfg)
     (writer.run_dir / "partitions.json").write_text(json.dumps(stats, indent=1))

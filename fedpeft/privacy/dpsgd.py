@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.hooks import RemovableHandle
 
@@ -30,6 +30,9 @@ from fedpeft.models import FedModel, get_method
 from fedpeft.models.grad_sample import GradSampleError
 from fedpeft.privacy.accounting import PrivacyError, RoundPlan
 from fedpeft.training import Encoded, TrainResult
+
+#: ``(logits, targets) -> mean loss``: the learning task's training loss.
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def train_private(
@@ -40,8 +43,13 @@ def train_private(
     dp: DPConfig,
     seed: int,
     proximal_mu: float = 0.0,
+    *,
+    loss: LossFn,
 ) -> TrainResult:
     """``plan.steps`` DP-SGD steps (Poisson batches, clipped, noised) on the exchanged params.
+
+    ``loss(logits, targets)`` is the learning task's (:meth:`fedpeft.tasks.Task.loss`), mean
+    over the batch as Opacus' ``loss_reduction="mean"`` assumes.
 
     ``proximal_mu > 0`` (FedProx) adds ``mu * (w - w_global)`` to the *noised* gradient:
     the term depends on no example, so it is post-processing and costs no privacy (added
@@ -80,7 +88,14 @@ def train_private(
             # Opacus' hooks on a frozen backbone: the inputs need no gradient, by design.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             return _dp_steps(
-                model, dp_module, dp_optimizer, dp_loader, plan.steps, _forward_params(model), proximal_mu
+                model,
+                dp_module,
+                dp_optimizer,
+                dp_loader,
+                plan.steps,
+                _forward_params(model),
+                loss,
+                proximal_mu,
             )
     finally:
         for handle in handles:
@@ -109,6 +124,7 @@ def _dp_steps(
     dp_loader: Any,
     num_steps: int,
     accepted: set[str],
+    loss_fn: LossFn,
     proximal_mu: float = 0.0,
 ) -> TrainResult:
     _check_optimizer(model, dp_optimizer)
@@ -130,7 +146,7 @@ def _dp_steps(
                 width = int(mask.sum(dim=1).max())
                 ids, mask = ids[:, :width].to(model.device), mask[:, :width].to(model.device)
                 logits = dp_module(**_per_example_inputs(ids, mask, accepted)).logits
-                loss = F.cross_entropy(logits, labels.to(model.device))
+                loss = loss_fn(logits, labels.to(model.device))
                 loss.backward()
                 if steps == 0:
                     _check_grad_samples(model, int(labels.numel()))

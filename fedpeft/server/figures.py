@@ -10,8 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 from fedpeft.config import RunConfig
+from fedpeft.privacy import central_epsilon
 from fedpeft.server.alpha import AlphaSearch
-from fedpeft.server.budget import PrivacyBudget, central_epsilon
+from fedpeft.server.budget import PrivacyBudget
 from fedpeft.server.tap import StrategyMetricsTap
 
 Figures = Callable[[int], dict[str, Any]]

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from flwr.common.serde import message_from_proto, message_to_proto
 
-from fedpeft import task
 from fedpeft.apps import client_app
 from fedpeft.apps.server_app import run_server
 from fedpeft.codecs.flower import PAYLOAD_KEY
 from fedpeft.config import RunConfig
 from fedpeft.models import get_model
+from fedpeft.tasks import classification, get_task
 from fedpeft.testing import DirectGrid
 
 
@@ -39,7 +39,7 @@ def _replies(cfg):
 )
 def test_replies_hold_only_exchanged_tensors_and_numbers(tiny_overrides, extra):
     cfg = RunConfig.from_run_config(tiny_overrides | extra)
-    exchanged = get_model(cfg, task.num_labels(cfg)).params
+    exchanged = get_model(cfg, get_task(cfg).num_outputs(cfg)).params
     replies = _replies(cfg)
     assert len(replies) == cfg.num_clients * (1 + cfg.num_rounds)  # discovery + every round
     for reply in replies:
@@ -67,10 +67,10 @@ def test_replies_hold_only_exchanged_tensors_and_numbers(tiny_overrides, extra):
 def test_no_training_text_or_labels_appear_in_any_reply(tiny_overrides):
     cfg = RunConfig.from_run_config(tiny_overrides)
     replies = _replies(cfg)
-    data = task.client_train_set(cfg, 0, cfg.num_clients)
+    data = get_task(cfg).client_train_set(cfg, 0, cfg.num_clients)
     # The raw bytes of the first client's token ids and labels never appear on the wire.
     needles = [data.input_ids[0, :12].numpy().tobytes(), data.labels.numpy().astype(np.int64).tobytes()]
-    texts = [t[:40].encode() for t in task.split(cfg)[0]["text"][:20]]
+    texts = [t[:40].encode() for t in classification.split(cfg)[0]["text"][:20]]
     for reply in replies:
         wire = message_to_proto(reply).SerializeToString()
         assert not any(n in wire for n in needles + texts)
@@ -81,13 +81,15 @@ def test_describe_counts_the_partition_without_tokenizing_it(tiny_overrides):
 
     cfg = RunConfig.from_run_config(tiny_overrides)
     grid = DirectGrid(client_app.app, cfg.num_clients, cfg.to_run_config())
-    task.client_train_set.cache_clear()
+    classification.client_train_set.cache_clear()
     node = list(grid.get_node_ids())[1]
     (reply,) = grid.send_and_receive(
         [Message(RecordDict({"config": ConfigRecord()}), node, "query.describe")]
     )
-    assert task.client_train_set.cache_info().currsize == 0  # discovery of 10,000 nodes tokenizes nothing
+    assert (
+        classification.client_train_set.cache_info().currsize == 0
+    )  # discovery of 10,000 nodes tokenizes nothing
     metrics = reply.content.metric_records["metrics"]
     pid = int(metrics["partition-id"])
     assert metrics["num-partitions"] == cfg.num_clients
-    assert metrics["num-examples"] == len(task.client_train_set(cfg, pid, cfg.num_clients)) > 0
+    assert metrics["num-examples"] == len(get_task(cfg).client_train_set(cfg, pid, cfg.num_clients)) > 0

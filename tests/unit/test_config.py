@@ -1,10 +1,22 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 import tomllib
 from flwr.common.config import flatten_dict
 
-from fedpeft.config import ConfigError, RunConfig, config_schema
+from fedpeft.config import (
+    CodecConfig,
+    ConfigError,
+    DataConfig,
+    DPConfig,
+    FailureConfig,
+    LoraConfig,
+    RunConfig,
+    StrategyConfig,
+    TrainConfig,
+    config_schema,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,3 +103,59 @@ def test_lora_only_keys_need_the_lora_method():
         RunConfig.from_run_config({"peft.method": "head", "lora.ranks": "2,4"})
     with pytest.raises(ConfigError, match="peft.method = 'lora'"):
         RunConfig.from_run_config({"peft.method": "bitfit", "strategy.name": "ffa-lora"})
+
+
+@pytest.mark.parametrize(
+    ("build", "needle"),
+    [
+        (lambda: TrainConfig(learning_rate=-1), "config key 'train.learning-rate' must be > 0.0, got -1.0"),
+        (lambda: TrainConfig(batch_size=0), "config key 'train.batch-size' must be >= 1, got 0"),
+        (lambda: TrainConfig(batch_size=8.0), "config key 'train.batch-size' expects an integer"),
+        (lambda: DataConfig(partitioner="diriclet"), "did you mean 'dirichlet'"),
+        (lambda: LoraConfig(target_modules=()), "config key 'lora.target-modules' must name at least one"),
+        (lambda: LoraConfig(target_modules="query"), "config key 'lora.target-modules' expects a tuple"),
+        (lambda: LoraConfig(ranks=("4:0.5", "8:0.4")), "sum to"),
+        (lambda: CodecConfig(name="zip"), "config key 'codec.name': unknown value 'zip'"),
+        (lambda: CodecConfig(alpha_search=("1", "x")), "codec.alpha-search"),
+        (lambda: StrategyConfig(kwargs=("mu",)), "name=value pairs"),
+        (lambda: FailureConfig(raise_probability=0.6, drop_probability=0.6), "sum to at most 1"),
+        (lambda: DPConfig(mode="on"), "config key 'dp.mode': unknown value 'on'"),
+        (lambda: RunConfig(num_clients=2, min_train_clients=3), "config key 'min-train-clients' (3)"),
+        (lambda: RunConfig(device="gpu"), "config key 'device': unknown value 'gpu'"),
+        (lambda: RunConfig(seed=True), "config key 'seed' expects an integer"),
+    ],
+)
+def test_dataclasses_built_in_code_get_the_run_config_checks(build, needle):
+    with pytest.raises(ConfigError) as err:
+        build()
+    assert needle in str(err.value)
+
+
+def test_codec_settings_are_checked_inside_the_codec_section():
+    from fedpeft.codecs.compeft import CompeftSettings
+
+    options = dict(CodecConfig().options) | {"compeft": CompeftSettings(scale="median")}
+    with pytest.raises(ConfigError, match="config key 'codec.compeft.scale': unknown value 'median'"):
+        CodecConfig(options=tuple(options.items()))
+
+
+def test_both_paths_build_the_same_object():
+    # Ints given for floats (and lists for tuples) are stored as the run config stores them.
+    built = RunConfig(
+        lora=LoraConfig(alpha=32, target_modules=["query", "key"]), train=TrainConfig(learning_rate=1)
+    )
+    assert built.lora.alpha == 32.0 and isinstance(built.lora.alpha, float)
+    assert built.lora.target_modules == ("query", "key") and isinstance(built.train.learning_rate, float)
+    read = RunConfig.from_run_config(
+        {"lora.alpha": 32, "lora.target-modules": "query,key", "train.learning-rate": 1}
+    )
+    assert read == built and read.to_run_config() == built.to_run_config()
+    with pytest.raises(ConfigError, match="'lora.r' must be >= 1"):
+        dataclasses.replace(built.lora, r=0)  # replace builds anew: the checks run again
+
+
+def test_every_section_knows_its_key_prefix():
+    # The prefix an error names is declared on the class; it must be the section's field name.
+    for key, (owner, _) in config_schema().items():
+        if key.count(".") < 2:  # codec.<name>.<key>: the codec's own settings, checked by CodecConfig
+            assert owner._section == key.rpartition(".")[0], key

@@ -1,10 +1,12 @@
 import numpy as np
 import pytest
 
-from fedpeft import task
 from fedpeft.config import TrainConfig
 from fedpeft.models import build_model
-from fedpeft.training import evaluate, train_local
+from fedpeft.tasks import build_task
+from fedpeft.training import train_local
+
+TASK = build_task("sequence-classification")
 
 
 @pytest.fixture(scope="module")
@@ -13,8 +15,8 @@ def setup(request):
     from tests.conftest import TINY
 
     cfg = RunConfig.from_run_config(TINY)
-    model = build_model(cfg, task.num_labels(cfg))
-    return cfg, model, task.client_train_set(cfg, 0, cfg.num_clients)
+    model = build_model(cfg, TASK.num_outputs(cfg))
+    return cfg, model, TASK.client_train_set(cfg, 0, cfg.num_clients)
 
 
 def test_local_training_is_reproducible_per_seed(setup):
@@ -24,7 +26,7 @@ def test_local_training_is_reproducible_per_seed(setup):
     runs = []
     for seed in (5, 5, 6):
         model.load_exchange_state(init)
-        res = train_local(model, data, tcfg, seed=seed)
+        res = train_local(model, data, tcfg, seed=seed, task=TASK)
         runs.append((res, model.exchange_state()))
     (r1, s1), (r2, s2), (_r3, s3) = runs
     assert r1 == r2 and all(np.array_equal(s1[k], s2[k]) for k in s1)
@@ -38,10 +40,12 @@ def test_local_training_is_reproducible_per_seed(setup):
 def test_training_lowers_the_loss_on_its_own_data(setup):
     _cfg, model, data = setup
     init = model.exchange_state()
-    before, _ = evaluate(model, data, 32)
-    train_local(model, data, TrainConfig(batch_size=8, local_epochs=3, learning_rate=0.003), seed=0)
-    after, acc = evaluate(model, data, 32)
-    assert after < before and 0.0 <= acc <= 1.0
+    before = TASK.evaluate(model, data, 32).loss
+    train_local(
+        model, data, TrainConfig(batch_size=8, local_epochs=3, learning_rate=0.003), seed=0, task=TASK
+    )
+    after = TASK.evaluate(model, data, 32)
+    assert after.loss < before and 0.0 <= after.metrics["accuracy"] <= 1.0
     model.load_exchange_state(init)
 
 
@@ -52,7 +56,7 @@ def test_fedprox_term_keeps_the_update_near_the_global_tensors(setup):
 
     def distance(mu: float) -> float:
         model.load_exchange_state(init)
-        train_local(model, data, tcfg, seed=1, proximal_mu=mu)
+        train_local(model, data, tcfg, seed=1, proximal_mu=mu, task=TASK)
         after = model.exchange_state()
         return float(sum(np.sum((after[k] - init[k]) ** 2) for k in init))
 

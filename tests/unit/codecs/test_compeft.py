@@ -28,16 +28,19 @@ def test_size_is_within_3_percent_of_the_entropy_bound_plus_header(positions, de
 
 
 def test_size_bound_holds_for_a_real_lora_update():
-    from fedpeft import task
     from fedpeft.config import RunConfig, TrainConfig
     from fedpeft.models import build_model
+    from fedpeft.tasks import get_task
     from fedpeft.training import train_local
     from tests.conftest import TINY
 
     cfg = RunConfig.from_run_config(TINY)
-    model = build_model(cfg, task.num_labels(cfg))
+    task = get_task(cfg)
+    model = build_model(cfg, task.num_outputs(cfg))
     before = model.exchange_state()
-    train_local(model, task.client_train_set(cfg, 0, 3), TrainConfig(batch_size=8, max_steps=3), seed=0)
+    train_local(
+        model, task.client_train_set(cfg, 0, 3), TrainConfig(batch_size=8, max_steps=3), seed=0, task=task
+    )
     update = {k: v - before[k] for k, v in model.exchange_state().items()}
     for positions in ("ans", "rice"):
         payload, stats = compeft(0.1, positions=positions).encode(update)

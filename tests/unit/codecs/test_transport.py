@@ -41,7 +41,7 @@ def test_alpha_search_records_the_chosen_scale_and_keeps_the_test_set_apart(tiny
     assert rounds[0].get("codec_alpha") is None
     dense = RunConfig.from_run_config(tiny_overrides)
     coded = RunConfig.from_run_config(tiny_overrides | {"codec.name": "compeft"})
-    from fedpeft import task
+    from fedpeft.tasks import classification as task
 
     assert len(task.server_splits(dense)[0]) == 0  # no tuning: every held-out example tests
     held_out = len(task.split(coded)[1])

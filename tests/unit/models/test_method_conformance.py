@@ -15,7 +15,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from fedpeft import privacy, task
+from fedpeft import privacy
 from fedpeft.config import RunConfig
 from fedpeft.models import (
     METHODS,
@@ -26,11 +26,13 @@ from fedpeft.models import (
     load_saved,
     resolve_model_path,
 )
+from fedpeft.tasks import build_task
 from fedpeft.training import Encoded, train_local
 from tests.conftest import TINY
 
 ALL = sorted(METHODS)
 HEAD = ("classifier.bias", "classifier.weight")
+TASK = build_task("sequence-classification")
 SENTENCES = ["stocks rallied on wall street", "the striker scored twice in the final"]
 
 
@@ -41,7 +43,7 @@ def base_cfg() -> RunConfig:
 
 @pytest.fixture(scope="module")
 def data(base_cfg) -> Encoded:
-    part = task.client_train_set(base_cfg, 0, 3)
+    part = TASK.client_train_set(base_cfg, 0, 3)
     return Encoded(part.input_ids[:16], part.attention_mask[:16], part.labels[:16])
 
 
@@ -60,7 +62,7 @@ def model(request, built, base_cfg) -> FedModel:
     method = request.node.callspec.params["method"]
     if method not in built:
         cfg = _cfg(base_cfg, method)
-        built[method] = build_model(cfg, task.num_labels(cfg))
+        built[method] = build_model(cfg, TASK.num_outputs(cfg))
     return built[method]
 
 
@@ -92,7 +94,7 @@ def test_exactly_the_trainable_tensors_travel_and_nothing_else_trains(method, mo
     assert model.num_trainable == sum(p.numel() for p in trainable.values()) > 0
 
     frozen, before = _frozen(model), model.exchange_state()
-    result = train_local(model, data, base_cfg.train, seed=0)
+    result = train_local(model, data, base_cfg.train, seed=0, task=TASK)
     assert result.steps == 2
     _assert_unchanged(model, frozen)
     after = model.exchange_state()
@@ -132,7 +134,7 @@ def test_loading_is_strict(method, model):
 @pytest.mark.parametrize("method", ALL)
 def test_saved_model_loads_back_with_the_same_logits(method, model, data, base_cfg, tmp_path):
     cfg = _cfg(base_cfg, method)
-    train_local(model, data, dataclasses.replace(cfg.train, max_steps=1), seed=1)
+    train_local(model, data, dataclasses.replace(cfg.train, max_steps=1), seed=1, task=TASK)
     model.save(tmp_path / "saved", ("a", "b", "c", "d", "e"), cfg=cfg)
     loaded = load_saved(tmp_path / "saved")
     assert loaded.method == method and list(loaded.params) == list(model.params)
@@ -149,7 +151,9 @@ def test_a_private_round_passes_the_guards_and_trains(method, model, data, base_
     names = [n for n, _ in model.module.named_parameters()]
     frozen, before = _frozen(model), model.exchange_state()
     plan = privacy.RoundPlan(noise_multiplier=1.0, sample_rate=4 / len(data), steps=2)
-    result = privacy.train_private(model, data, base_cfg.train, plan, base_cfg.dp, seed=0)
+    result = privacy.train_private(
+        model, data, base_cfg.train, plan, base_cfg.dp, seed=0, loss=build_task(base_cfg.task.name).loss
+    )
     assert result.steps == 2
     _assert_unchanged(model, frozen)
     after = model.exchange_state()

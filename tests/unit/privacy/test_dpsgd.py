@@ -4,17 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from fedpeft import task
 from fedpeft.config import RunConfig
 from fedpeft.models import build_model
 from fedpeft.privacy import PrivacyError, RoundPlan, dpsgd
+from fedpeft.tasks import get_task
 from tests.conftest import TINY
 
 
 @pytest.fixture(scope="module")
 def lora():
     cfg = RunConfig.from_run_config(TINY | {"dp.mode": "local"})
-    return cfg, build_model(cfg, task.num_labels(cfg)), task.client_train_set(cfg, 0, 3)
+    task = get_task(cfg)
+    return cfg, build_model(cfg, task.num_outputs(cfg)), task.client_train_set(cfg, 0, 3)
 
 
 def test_private_training_moves_the_adapter_and_can_repeat_on_the_cached_model(lora):
@@ -23,7 +24,7 @@ def test_private_training_moves_the_adapter_and_can_repeat_on_the_cached_model(l
     names = [n for n, _ in model.module.named_parameters()]
     for seed in range(3):  # the same module is wrapped and unwrapped again: no "hooks twice"
         before = model.exchange_state()
-        result = dpsgd.train_private(model, data, cfg.train, plan, cfg.dp, seed)
+        result = dpsgd.train_private(model, data, cfg.train, plan, cfg.dp, seed, loss=get_task(cfg).loss)
         after = model.exchange_state()
         assert result.steps == 3
         assert all(not np.array_equal(before[k], after[k]) for k in before)  # every exchanged tensor moved
@@ -38,7 +39,9 @@ def test_fedprox_under_dp_pulls_towards_the_global_tensors(lora):
 
     def distance(mu: float) -> float:
         model.load_exchange_state(init)
-        dpsgd.train_private(model, data, cfg.train, plan, cfg.dp, seed=3, proximal_mu=mu)
+        dpsgd.train_private(
+            model, data, cfg.train, plan, cfg.dp, seed=3, proximal_mu=mu, loss=get_task(cfg).loss
+        )
         after = model.exchange_state()
         return float(sum(np.sum((after[k] - init[k]) ** 2) for k in init))
 
@@ -69,7 +72,8 @@ def test_full_fine_tuning_under_dp_gets_per_example_embedding_gradients():
     # BERT looks position / token-type embeddings up with a (1, L) buffer: without explicit
     # (B, L) ids Opacus would see a batch of 1 there, and the guard refuses to train.
     cfg = RunConfig.from_run_config(TINY | {"dp.mode": "local", "peft.method": "full"})
-    model = build_model(cfg, task.num_labels(cfg))
+    task = get_task(cfg)
+    model = build_model(cfg, task.num_outputs(cfg))
     data = task.client_train_set(cfg, 0, 3)
     inputs = dpsgd._per_example_inputs(
         data.input_ids[:4], data.attention_mask[:4], dpsgd._forward_params(model)
@@ -79,5 +83,7 @@ def test_full_fine_tuning_under_dp_gets_per_example_embedding_gradients():
     with torch.no_grad():
         plain = model.module(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         assert torch.equal(plain, model.module(**inputs).logits)  # the forward pass is unchanged
-    result = dpsgd.train_private(model, data, cfg.train, RoundPlan(1.0, 0.2, 2), cfg.dp, 0)
+    result = dpsgd.train_private(
+        model, data, cfg.train, RoundPlan(1.0, 0.2, 2), cfg.dp, 0, loss=get_task(cfg).loss
+    )
     assert result.steps == 2

@@ -1,0 +1,140 @@
+"""Sequence classification: one label per text, cross-entropy, accuracy (``task.name =
+"sequence-classification"``, the default).
+
+Which examples each party holds, tokenized once per process: the server keeps a held-out,
+stratified test split for global evaluation (less any validation examples it tunes on);
+the rest is partitioned among the clients with a ``flwr-datasets`` partitioner.  Both
+sides derive the same split from the same seed, so no data ever travels.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import datasets
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
+
+from fedpeft.config import ConfigError, RunConfig
+from fedpeft.data import TextDataset, load_partition, load_source, partition_stats, split_train_test
+from fedpeft.models import FedModel
+from fedpeft.models.backbone import load_tokenizer
+from fedpeft.tasks.base import Evaluation, Examples
+from fedpeft.training import Encoded, forward_batches
+
+
+class SequenceClassification:
+    """The :class:`~fedpeft.tasks.base.Task` of a labelled text corpus (``data.*`` keys)."""
+
+    def label_names(self, cfg: RunConfig) -> tuple[str, ...]:
+        return source(cfg).label_names
+
+    def num_outputs(self, cfg: RunConfig) -> int:
+        return source(cfg).num_classes
+
+    def client_train_size(self, cfg: RunConfig, partition_id: int, num_partitions: int) -> int:
+        return client_train_size(cfg, partition_id, num_partitions)
+
+    def client_train_set(self, cfg: RunConfig, partition_id: int, num_partitions: int) -> Encoded:
+        return client_train_set(cfg, partition_id, num_partitions)
+
+    def server_test_set(self, cfg: RunConfig) -> Encoded:
+        return server_test_set(cfg)
+
+    def server_validation_set(self, cfg: RunConfig) -> Encoded:
+        return server_validation_set(cfg)
+
+    def partition_stats(self, cfg: RunConfig) -> list[dict[str, Any]]:
+        """Size and label histogram of every client's partition."""
+        return partition_stats(split(cfg)[0], cfg.data, cfg.num_clients, cfg.seed)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the batch."""
+        return F.cross_entropy(logits, targets)
+
+    @torch.no_grad()
+    def evaluate(self, model: FedModel, data: Examples, batch_size: int) -> Evaluation:
+        """Mean cross-entropy loss and accuracy of ``model`` on ``data``."""
+        loss_sum, correct = 0.0, 0
+        for raw, labels in forward_batches(model, data, batch_size):
+            logits = raw.float()
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(dim=-1) == labels).sum())
+        n = max(len(data), 1)
+        return Evaluation(loss_sum / n, {"accuracy": correct / n})
+
+
+# ---------------------------------------------------------------------- data, cached per process
+def source(cfg: RunConfig) -> TextDataset:
+    """The whole labelled dataset of the run (cached per process by ``load_source``)."""
+    return load_source(cfg.data, cfg.seed)
+
+
+@functools.lru_cache(maxsize=2)
+def split(cfg: RunConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(training pool the clients partition, held-out split of the server)."""
+    return split_train_test(source(cfg), cfg.data.test_fraction, cfg.data.max_test_examples, cfg.seed)
+
+
+AUTO_VALIDATION_FRACTION, AUTO_VALIDATION_MIN = 0.2, 32
+
+
+@functools.lru_cache(maxsize=2)
+def server_splits(cfg: RunConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(validation, test): ``data.validation-examples`` of the held-out split, chosen by the
+    seed, for what the server tunes; the rest is the test set every figure is measured on."""
+    held_out = split(cfg)[1]
+    n = cfg.data.validation_examples
+    if n == 0 and cfg.server_tunes():
+        n = max(round(AUTO_VALIDATION_FRACTION * len(held_out)), min(AUTO_VALIDATION_MIN, len(held_out) // 2))
+    if n == 0:
+        return held_out.select([]), held_out
+    if n >= len(held_out):
+        raise ConfigError(
+            f"config key 'data.validation-examples' ({n}) must be smaller than the held-out split "
+            f"({len(held_out)} examples)"
+        )
+    order = held_out.shuffle(seed=cfg.seed)
+    return order.select(range(n)), order.select(range(n, len(held_out)))
+
+
+@functools.lru_cache(maxsize=2)
+def server_test_set(cfg: RunConfig) -> Encoded:
+    """The held-out test split (less any validation examples), tokenized (server only)."""
+    test = server_splits(cfg)[1]
+    return encode(load_tokenizer(cfg.model.name), test["text"], test["label"], cfg.model.max_length)
+
+
+@functools.lru_cache(maxsize=2)
+def server_validation_set(cfg: RunConfig) -> Encoded:
+    """The server's validation examples, tokenized (empty unless data.validation-examples > 0)."""
+    val = server_splits(cfg)[0]
+    return encode(load_tokenizer(cfg.model.name), val["text"], val["label"], cfg.model.max_length)
+
+
+def client_train_size(cfg: RunConfig, partition_id: int, num_partitions: int) -> int:
+    """How many training examples client ``partition_id`` holds, without tokenizing them."""
+    return load_partition(split(cfg)[0], cfg.data, num_partitions, partition_id, cfg.seed).num_rows
+
+
+@functools.lru_cache(maxsize=256)
+def client_train_set(cfg: RunConfig, partition_id: int, num_partitions: int) -> Encoded:
+    """Client ``partition_id``'s share of the training split, tokenized (cached per process)."""
+    part = load_partition(split(cfg)[0], cfg.data, num_partitions, partition_id, cfg.seed)
+    return encode(load_tokenizer(cfg.model.name), part["text"], part["label"], cfg.model.max_length)
+
+
+def encode(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], labels: Sequence[int], max_length: int
+) -> Encoded:
+    """Tokenize once (truncate to ``max_length``); done once per process and partition."""
+    if not len(texts):  # the tokenizer cannot batch nothing (no validation split, say)
+        empty = torch.zeros((0, 0), dtype=torch.long)
+        return Encoded(empty, empty, torch.zeros(0, dtype=torch.long))
+    enc = tokenizer(
+        list(texts), truncation=True, max_length=max_length, padding="longest", return_tensors="pt"
+    )
+    return Encoded(enc["input_ids"], enc["attention_mask"], torch.as_tensor(list(labels), dtype=torch.long))

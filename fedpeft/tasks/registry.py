@@ -1,0 +1,64 @@
+"""The task registry: ``task.name`` is validated against it.
+
+Adding a task is one module (a class satisfying :class:`~fedpeft.tasks.base.Task`) and
+one line below; ``tests/unit/tasks`` then runs the conformance check
+(:func:`fedpeft.tasks.conformance.check_task`) over it.
+
+An entry names its class as ``"module:Class"``, imported when the task is first built:
+the config validates ``task.name`` whenever it is built, and a task module pulls in
+torch, transformers and datasets, which commands that only read configs or results do
+not need.  A class (or any factory) works too, for a task defined elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fedpeft.config import RunConfig, unknown_choice
+from fedpeft.tasks.base import Task
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A registered task: where its class is, and one line on what it learns."""
+
+    target: str | Callable[[], Task]  # "module:Class", or the class / factory itself
+    description: str
+
+
+TASKS: dict[str, TaskSpec] = {
+    "sequence-classification": TaskSpec(
+        "fedpeft.tasks.classification:SequenceClassification",
+        "one label per text (cross-entropy; accuracy)",
+    ),
+}
+
+
+def build_task(name: str) -> Task:
+    """The task registered as ``name`` (one object per process); an unknown name is a
+    :class:`~fedpeft.config.ConfigError` naming ``task.name`` and the valid choices."""
+    try:
+        spec = TASKS[name]
+    except KeyError:
+        raise unknown_choice("task.name", name, TASKS) from None
+    return _build(spec)
+
+
+def get_task(cfg: RunConfig) -> Task:
+    """The task of the run."""
+    return build_task(cfg.task.name)
+
+
+@functools.cache
+def _build(spec: TaskSpec) -> Task:
+    factory = _resolve(spec.target) if isinstance(spec.target, str) else spec.target
+    return factory()
+
+
+def _resolve(target: str) -> Callable[[], Task]:
+    module, _, attr = target.partition(":")
+    factory: Callable[[], Task] = getattr(importlib.import_module(module), attr)
+    return factory
