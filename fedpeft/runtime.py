@@ -45,10 +45,9 @@ def quiet_libraries() -> None:
     """Keep transformers' load reports, progress bars and HF telemetry off the terminal."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
+    from fedpeft.models.backbone import quiet_transformers  # only fedpeft.models imports transformers
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_transformers()
     # Deprecation notices of our pinned stack are not the user's concern.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|ray)\.")
     for name in ("datasets", "peft", "filelock"):

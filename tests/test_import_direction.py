@@ -2,7 +2,8 @@
 
 ``strategies`` and the ``fedpeft`` core never import the apps; the core never imports the
 server wing (``fedpeft.server``), which never imports the apps; ``strategies`` knows nothing
-of fedpeft but its door to Flower's internals; only ``fedpeft.models`` imports peft; only
+of fedpeft but its door to Flower's internals; only ``fedpeft.models`` imports peft, and only
+it and ``fedpeft.tasks`` (tokenizers, collators) import transformers; only
 ``fedpeft.privacy`` imports opacus (and its accounting imports only opacus' accountants: no
 torch, Flower or models); only ``fedpeft.flower_compat`` touches Flower's private modules
 (the simulation engine included).
@@ -53,7 +54,10 @@ def test_import_direction(module, path):
         assert not fedpeft, f"{module} imports fedpeft beyond {FLOWER_DOOR}: {fedpeft}"
     if module == FLOWER_DOOR:  # a leaf, so that strategies may use it
         assert not {i for i in imports if _under(i, {"fedpeft", "strategies"})}, f"{module} imports fedpeft"
-    if not _under(module, {"fedpeft.models"}):
+    if not _under(module, {"fedpeft.models", "fedpeft.tasks"}):
+        hf = {i for i in imports if _under(i, {"peft", "transformers"})}
+        assert not hf, f"{module} imports {hf} outside fedpeft.models / fedpeft.tasks"
+    if _under(module, {"fedpeft.tasks"}):
         assert not {i for i in imports if _under(i, {"peft"})}, (
             f"{module} imports peft outside fedpeft.models"
         )

@@ -12,6 +12,7 @@ import functools
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -62,3 +63,9 @@ def load_classifier(name: str, num_labels: int, seed: int) -> PreTrainedModel:
             f"(neither a model folder nor reachable on the hub): {err}"
         ) from err
     return model
+
+
+def quiet_transformers() -> None:
+    """transformers' load reports and progress bars off (errors still show)."""
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
