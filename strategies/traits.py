@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
 from flwr.serverapp.strategy import (
@@ -59,10 +58,12 @@ class StrategyTraits:
 
     heterogeneous_ranks: bool = False
     rewrites_arrays: bool = False
-    conformance: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    conformance: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "conformance", MappingProxyType(dict(self.conformance)))
+        # A copy, plain so that it pickles (a functional strategy keeps its traits, and
+        # checkpoints pickle the strategy).
+        object.__setattr__(self, "conformance", dict(self.conformance))
 
 
 DEFAULT_TRAITS = StrategyTraits()

@@ -61,3 +61,24 @@ def test_toy_strategy_runs_and_its_metrics_are_recorded(toy_registered, tmp_path
     assert rounds[0]["strategy_metrics"] == {}
     csv_header = (tmp_path / "toy" / "rounds.csv").read_text().splitlines()[0]
     assert csv_header.endswith("strategy_metrics")
+
+
+def test_declared_traits_pickle_with_the_strategy(toy_registered):
+    import pickle
+
+    from strategies import build_strategy
+
+    strategy = build_strategy("toy-ranked")
+    assert traits_of(pickle.loads(pickle.dumps(strategy))) == traits_of(strategy)
+
+
+def test_the_old_duck_typed_declarations_are_refused_with_the_new_form():
+    from flwr.serverapp.strategy import FedAvg
+
+    from strategies.traits import declared_traits
+
+    class Old(FedAvg):
+        supports_heterogeneous_ranks = True
+
+    with pytest.raises(TypeError, match="StrategyTraits"):
+        declared_traits(Old())
