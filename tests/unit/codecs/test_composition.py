@@ -49,7 +49,7 @@ def test_codec_wraps_every_registered_strategy(name, tmp_path):
 
 
 def test_codec_outside_flowers_server_side_dp(tmp_path, monkeypatch):
-    import fedpeft.apps.server_app as server_app
+    import fedpeft.server.stack as stack
 
     def dp_fedavg(name, **settings):
         inner = build_strategy(name, **settings)
@@ -57,7 +57,7 @@ def test_codec_outside_flowers_server_side_dp(tmp_path, monkeypatch):
             inner, noise_multiplier=0.1, clipping_norm=1.0, num_sampled_clients=3
         )
 
-    monkeypatch.setattr(server_app, "build_strategy", dp_fedavg)
+    monkeypatch.setattr(stack, "build_strategy", dp_fedavg)
     cfg = RunConfig.from_run_config(SMALL | {"results-dir": str(tmp_path), "run-name": "dp"})
-    rounds = read_rounds(server_app.run_server(DirectGrid(client_module.app, 3, cfg.to_run_config()), cfg))
+    rounds = read_rounds(run_server(DirectGrid(client_module.app, 3, cfg.to_run_config()), cfg))
     assert [r["num_replied"] for r in rounds[1:]] == [3, 3] and all(math.isfinite(r["loss"]) for r in rounds)
