@@ -55,7 +55,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from strategies.functional import Tensors, dict_to_record, record_to_dict
+from strategies.arrays import Tensors, dict_to_record, record_to_dict
 from strategies.lora_exact import (
     LORA_A,
     LORA_B,

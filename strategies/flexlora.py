@@ -34,7 +34,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.functional import MetricsAggrFn, Tensors, dict_to_record, record_to_dict, reply_updates
+from strategies.arrays import Tensors, dict_to_record, record_to_dict
+from strategies.functional import MetricsAggrFn, reply_updates
 from strategies.lora_exact import (
     LoraLayoutError,
     factors_of,

@@ -49,8 +49,7 @@ How a callable is read: a function (or callable object) whose first two paramete
 required positional ones is an aggregate function; anything else callable is a factory
 that must build a ``flwr.serverapp.strategy.Strategy``.
 
-This module also holds the reply helpers the LoRA strategies share
-(:func:`reply_updates`, :func:`record_to_dict`, :func:`dict_to_record`).
+This module also holds the reply helper the LoRA strategies share (:func:`reply_updates`).
 '''
 
 from __future__ import annotations
@@ -61,27 +60,18 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAvg
 
-Tensors = dict[str, np.ndarray]
+from strategies.arrays import Tensors, dict_to_record, record_to_dict
+
 AggregateFn = Callable[[Sequence[Tensors], Sequence[float]], Mapping[str, np.ndarray]]
 MetricsAggrFn = Callable[[list[RecordDict], str], MetricRecord]
 
 
 # ---------------------------------------------------------------------- reply helpers
-def record_to_dict(record: ArrayRecord) -> Tensors:
-    """The ``name -> np.ndarray`` mapping an ``ArrayRecord`` carries, sorted by name."""
-    return {name: record[name].numpy() for name in sorted(record)}
-
-
-def dict_to_record(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """An ``ArrayRecord`` of ``tensors`` in sorted-name order."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(np.asarray(tensors[k]))) for k in sorted(tensors)})
-
-
 def reply_updates(
     replies: Iterable[Message], weighted_by_key: str = "num-examples"
 ) -> tuple[list[int], list[Tensors], list[float]]:
