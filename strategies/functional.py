@@ -57,18 +57,21 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAvg
 
 from strategies.arrays import Tensors, dict_to_record, record_to_dict
+from strategies.fedavg_kwargs import FedAvgKwargs, forwards_fedavg_kwargs
+
+if TYPE_CHECKING:
+    from typing import Unpack  # Python 3.11+; only annotations use it
 
 AggregateFn = Callable[[Sequence[Tensors], Sequence[float]], Mapping[str, np.ndarray]]
-MetricsAggrFn = Callable[[list[RecordDict], str], MetricRecord]
 
 
 # ---------------------------------------------------------------------- reply helpers
@@ -129,33 +132,9 @@ class FunctionalStrategy(FedAvg):
     params : the global tensors the current round started from (init/apply only).
     """
 
-    def __init__(
-        self,
-        impl: Any,
-        *,
-        fraction_train: float = 1.0,
-        fraction_evaluate: float = 1.0,
-        min_train_nodes: int = 2,
-        min_evaluate_nodes: int = 2,
-        min_available_nodes: int = 2,
-        weighted_by_key: str = "num-examples",
-        arrayrecord_key: str = "arrays",
-        configrecord_key: str = "config",
-        train_metrics_aggr_fn: MetricsAggrFn | None = None,
-        evaluate_metrics_aggr_fn: MetricsAggrFn | None = None,
-    ) -> None:
-        super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=fraction_evaluate,
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=min_evaluate_nodes,
-            min_available_nodes=min_available_nodes,
-            weighted_by_key=weighted_by_key,
-            arrayrecord_key=arrayrecord_key,
-            configrecord_key=configrecord_key,
-            train_metrics_aggr_fn=train_metrics_aggr_fn,
-            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
-        )
+    @forwards_fedavg_kwargs
+    def __init__(self, impl: Any, **fedavg_kwargs: Unpack[FedAvgKwargs]) -> None:
+        super().__init__(**fedavg_kwargs)
         if isinstance(impl, type) and is_init_apply(impl):
             impl = impl()
         if is_init_apply(impl):
