@@ -26,7 +26,7 @@ so every client starts from (a slice of) the server's seeded LoRA init.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Unpack
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -50,9 +50,6 @@ from strategies.lora_exact import (
     truncate_factors,
     weighted_mean,
 )
-
-if TYPE_CHECKING:
-    from typing import Unpack  # Python 3.11+; only annotations use it
 
 
 class FlexLoRA(FedAvg):

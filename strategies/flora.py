@@ -29,7 +29,7 @@ seeded init (B = 0), so its reply's ``s_k B_k @ A_k`` is exactly its round updat
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Unpack
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -55,9 +55,6 @@ from strategies.lora_exact import (
     stack_factors,
     weighted_mean,
 )
-
-if TYPE_CHECKING:
-    from typing import Unpack  # Python 3.11+; only annotations use it
 
 
 class FLoRA(FedAvg):

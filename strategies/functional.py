@@ -57,7 +57,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Unpack
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -67,9 +67,6 @@ from flwr.serverapp.strategy import FedAvg
 
 from strategies.arrays import Tensors, dict_to_record, record_to_dict
 from strategies.fedavg_kwargs import FedAvgKwargs, forwards_fedavg_kwargs
-
-if TYPE_CHECKING:
-    from typing import Unpack  # Python 3.11+; only annotations use it
 
 AggregateFn = Callable[[Sequence[Tensors], Sequence[float]], Mapping[str, np.ndarray]]
 
