@@ -22,7 +22,6 @@ pickles: load only your own results folders.
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import random
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import torch
 from flwr.app import RecordDict
 
 from fedpeft.crash import crash_point
+from fedpeft.files import atomic_file
 from fedpeft.flower_compat import recorddict_from_bytes, recorddict_to_bytes
 
 CHECKPOINT_FILE = "checkpoint.bin"
@@ -47,24 +47,20 @@ class CheckpointError(RuntimeError):
 
 # ---------------------------------------------------------------------- atomic files
 def write_atomic(path: Path, body: bytes, crash_name: str | None = None) -> None:
-    """Write ``MAGIC + sha256(body) + body`` to ``path`` via a temporary file and a rename.
+    """Write ``MAGIC + sha256(body) + body`` to ``path`` atomically (:func:`~fedpeft.files.atomic_file`).
 
     ``crash_name`` names the :func:`~fedpeft.crash.crash_point` passed when half the file
     is on disk (the crash test kills the run there).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     data = _MAGIC + hashlib.sha256(body).digest() + body
-    with tmp.open("wb") as fh:
+    with atomic_file(path, "wb") as fh:
         half = len(data) // 2
         fh.write(data[:half])
         if crash_name:
             fh.flush()
             crash_point(crash_name)
         fh.write(data[half:])
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def remove_stale_temporaries(folder: Path) -> None:

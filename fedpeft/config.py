@@ -16,7 +16,6 @@ benchmark or a notebook) fails with the same message as the run config would.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import random
 import typing
@@ -46,9 +45,11 @@ value_range = _range
 
 
 def did_you_mean(word: str, options: typing.Iterable[str]) -> str:
-    """A short ``did you mean 'x'?`` hint, or an empty string."""
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
+    """:func:`strategies.hints.did_you_mean`, imported when first needed: importing the
+    ``strategies`` package loads Flower, which this module (and the CLI's start) does not need."""
+    from strategies.hints import did_you_mean as hint
+
+    return hint(word, options)
 
 
 def unknown_choice(key: str, value: object, options: typing.Iterable[str]) -> ConfigError:

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedpeft.crash import crash_point
+from fedpeft.files import atomic_file, atomic_write_text
 
 if TYPE_CHECKING:  # results never need a model loaded; only the adapter export takes one
     from fedpeft.config import RunConfig
@@ -345,16 +346,6 @@ def _csv_cell(x: Any) -> Any:
     return "" if x is None else x
 
 
-def _atomic_write_text(path: Path, text: str, *, sync: bool = False) -> None:
-    """Write ``text`` to a temporary name, then rename it over ``path``: never half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        if sync:
-            _sync(f)
-    os.replace(tmp, path)
-
-
 class ResultsWriter:
     """Owns one run folder and appends to it round by round.
 
@@ -379,13 +370,13 @@ class ResultsWriter:
         """Write the resolved run config to ``config.json`` (sorted keys, indent 2)."""
         path = self.run_dir / CONFIG_FILE
         text = json.dumps(_finite_or_none(dict(resolved)), sort_keys=True, indent=2, default=str)
-        _atomic_write_text(path, text + "\n")
+        atomic_write_text(path, text + "\n")
         return path
 
     def write_versions(self) -> Path:
         """Write ``versions.json``: what produced these numbers, for reproducibility."""
         path = self.run_dir / VERSIONS_FILE
-        _atomic_write_text(path, json.dumps(collect_versions(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(collect_versions(), indent=2) + "\n")
         return path
 
     def resume(self, up_to_round: int) -> list[RoundRecord]:
@@ -406,7 +397,7 @@ class ResultsWriter:
         for rec in kept:
             self._append(rec, texts)
         for name, text in texts.items():
-            _atomic_write_text(self.run_dir / name, text.getvalue(), sync=True)
+            atomic_write_text(self.run_dir / name, text.getvalue())
         return kept
 
     def add_round(self, rec: RoundRecord) -> RoundRecord:
@@ -416,7 +407,7 @@ class ResultsWriter:
         self._append(rec, texts)
         for name, text in texts.items():
             if first:  # a new run (or a reused name): start every file afresh, atomically
-                _atomic_write_text(self.run_dir / name, text.getvalue(), sync=True)
+                atomic_write_text(self.run_dir / name, text.getvalue())
             else:
                 with (self.run_dir / name).open("a", encoding="utf-8", newline="") as f:
                     f.write(text.getvalue())
@@ -487,9 +478,8 @@ class ResultsWriter:
         if positive and max(positive) / min(positive) > 100:
             ax_bytes.set_yscale("log")
 
-        tmp = out.with_name(out.stem + ".tmp" + out.suffix)
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
+        with atomic_file(out, "wb") as fh:
+            fig.savefig(fh, format="png")
         return out
 
 

@@ -52,6 +52,7 @@ from typing import Any
 import tomllib
 
 from fedpeft.config import ConfigError, ConfigValue, RunConfig
+from fedpeft.files import atomic_write_text
 from fedpeft.launch import ENGINES, RayOptions, load_experiment, preflight, resolve_config, simulate
 
 MANIFEST = "sweep.json"
@@ -285,9 +286,7 @@ _MANIFEST_LOCK = threading.Lock()  # parallel points finish in their own threads
 def _write_manifest(sweep: Sweep, manifest: Mapping[str, Any]) -> None:
     path = sweep.folder / MANIFEST
     with _MANIFEST_LOCK:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1, default=str) + "\n")
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(manifest, indent=1, default=str) + "\n")
 
 
 # ---------------------------------------------------------------------- helpers

@@ -10,26 +10,22 @@ protobuf size of the message as Flower serializes it (its serializer is reached 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Message
 
 from fedpeft.flower_compat import MESSAGE_CONTENT_FIELD, message_head_size, recorddict_proto_size
+from strategies.arrays import dict_to_record, record_to_dict
 
 ARRAYS_KEY = "arrays"  # the key Flower's strategies use for the ArrayRecord
 METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
 
 
-def to_record(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """An ``ArrayRecord`` holding ``tensors`` in sorted-name order."""
-    return ArrayRecord({name: Array(np.ascontiguousarray(tensors[name])) for name in sorted(tensors)})
-
-
-def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """The name -> NumPy array mapping carried by ``record`` (sorted by name)."""
-    return {name: record[name].numpy() for name in sorted(record)}
+# The wire's names for the one conversion (:mod:`strategies.arrays`): an ``ArrayRecord``
+# holding a tensor dict in sorted-name order, and the sorted tensor dict it carries.
+to_record = dict_to_record
+from_record = record_to_dict
 
 
 def _varint_size(n: int) -> int:

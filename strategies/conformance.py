@@ -57,7 +57,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 # Flower's strategies build their Messages with ``Message()``, which reads the process's run
 # identity; only Flower's runtime sets it, and no public API does.
 from fedpeft.flower_compat import Run, empty_run, ensure_task_identity
-from strategies.functional import Tensors, dict_to_record, record_to_dict
+from strategies.arrays import Tensors, dict_to_record, record_to_dict
 from strategies.lora_exact import (
     LORA_A,
     LORA_B,

@@ -29,6 +29,7 @@ seeded init (B = 0), so its reply's ``s_k B_k @ A_k`` is exactly its round updat
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Unpack
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -36,7 +37,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.functional import MetricsAggrFn, Tensors, dict_to_record, record_to_dict, reply_updates
+from strategies.arrays import Tensors, dict_to_record, record_to_dict
+from strategies.fedavg_kwargs import FedAvgKwargs, forwards_fedavg_kwargs
+from strategies.functional import reply_updates
 from strategies.lora_exact import (
     LoraLayoutError,
     base_a_key,
@@ -76,33 +79,14 @@ class FLoRA(FedAvg):
     # Replies are factors while the downlink is merged: wrappers that take reply - sent cannot apply.
     traits = StrategyTraits(heterogeneous_ranks=True, rewrites_arrays=True, conformance={"lora": "merged"})
 
+    @forwards_fedavg_kwargs
     def __init__(
         self,
         *,
-        fraction_train: float = 1.0,
-        fraction_evaluate: float = 1.0,
-        min_train_nodes: int = 2,
-        min_evaluate_nodes: int = 2,
-        min_available_nodes: int = 2,
-        weighted_by_key: str = "num-examples",
-        arrayrecord_key: str = "arrays",
-        configrecord_key: str = "config",
-        train_metrics_aggr_fn: MetricsAggrFn | None = None,
-        evaluate_metrics_aggr_fn: MetricsAggrFn | None = None,
         lora_alpha: float = 16.0,
+        **fedavg_kwargs: Unpack[FedAvgKwargs],
     ) -> None:
-        super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=fraction_evaluate,
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=min_evaluate_nodes,
-            min_available_nodes=min_available_nodes,
-            weighted_by_key=weighted_by_key,
-            arrayrecord_key=arrayrecord_key,
-            configrecord_key=configrecord_key,
-            train_metrics_aggr_fn=train_metrics_aggr_fn,
-            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
-        )
+        super().__init__(**fedavg_kwargs)
         if not lora_alpha > 0:
             raise ValueError(f"lora_alpha must be > 0, got {lora_alpha}")
         self.lora_alpha = float(lora_alpha)

@@ -50,8 +50,7 @@ How a callable is read: a function (or callable object) whose first two paramete
 required positional ones is an aggregate function; anything else callable is a factory
 that must build a ``flwr.serverapp.strategy.Strategy``.
 
-This module also holds the reply helpers the LoRA strategies share
-(:func:`reply_updates`, :func:`record_to_dict`, :func:`dict_to_record`).
+This module also holds the reply helper the LoRA strategies share (:func:`reply_updates`).
 '''
 
 from __future__ import annotations
@@ -59,33 +58,23 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAvg
 
+from strategies.arrays import Tensors, dict_to_record, record_to_dict
+from strategies.fedavg_kwargs import FedAvgKwargs, forwards_fedavg_kwargs
 from strategies.replies import check_and_log_replies
 from strategies.traits import declared_traits
 
-Tensors = dict[str, np.ndarray]
 AggregateFn = Callable[[Sequence[Tensors], Sequence[float]], Mapping[str, np.ndarray]]
-MetricsAggrFn = Callable[[list[RecordDict], str], MetricRecord]
 
 
 # ---------------------------------------------------------------------- reply helpers
-def record_to_dict(record: ArrayRecord) -> Tensors:
-    """The ``name -> np.ndarray`` mapping an ``ArrayRecord`` carries, sorted by name."""
-    return {name: record[name].numpy() for name in sorted(record)}
-
-
-def dict_to_record(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """An ``ArrayRecord`` of ``tensors`` in sorted-name order."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(np.asarray(tensors[k]))) for k in sorted(tensors)})
-
-
 def reply_updates(
     replies: Iterable[Message], weighted_by_key: str = "num-examples"
 ) -> tuple[list[int], list[Tensors], list[float]]:
@@ -143,33 +132,9 @@ class FunctionalStrategy(FedAvg):
     params : the global tensors the current round started from (init/apply only).
     """
 
-    def __init__(
-        self,
-        impl: Any,
-        *,
-        fraction_train: float = 1.0,
-        fraction_evaluate: float = 1.0,
-        min_train_nodes: int = 2,
-        min_evaluate_nodes: int = 2,
-        min_available_nodes: int = 2,
-        weighted_by_key: str = "num-examples",
-        arrayrecord_key: str = "arrays",
-        configrecord_key: str = "config",
-        train_metrics_aggr_fn: MetricsAggrFn | None = None,
-        evaluate_metrics_aggr_fn: MetricsAggrFn | None = None,
-    ) -> None:
-        super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=fraction_evaluate,
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=min_evaluate_nodes,
-            min_available_nodes=min_available_nodes,
-            weighted_by_key=weighted_by_key,
-            arrayrecord_key=arrayrecord_key,
-            configrecord_key=configrecord_key,
-            train_metrics_aggr_fn=train_metrics_aggr_fn,
-            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
-        )
+    @forwards_fedavg_kwargs
+    def __init__(self, impl: Any, **fedavg_kwargs: Unpack[FedAvgKwargs]) -> None:
+        super().__init__(**fedavg_kwargs)
         if isinstance(impl, type) and is_init_apply(impl):
             impl = impl()
         if is_init_apply(impl):

@@ -16,7 +16,6 @@ LoRA ranks) reaches a strategy later, through :class:`strategies.traits.UsesClie
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 from collections.abc import Callable, Mapping
@@ -39,6 +38,7 @@ from strategies.ffa_lora import FFALoRA
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
 from strategies.functional import functional_factory
+from strategies.hints import did_you_mean
 
 StrategyFactory = Callable[..., Strategy]
 
@@ -78,18 +78,13 @@ class StrategyError(ValueError):
     """The configured strategy cannot be found or built."""
 
 
-def _hint(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
 def resolve_strategy(name: str) -> StrategyFactory:
     """The factory for a registered ``name`` or an importable ``module:name``."""
     if name in STRATEGIES:
         return STRATEGIES[name][0]
     if ":" not in name:
         raise StrategyError(
-            f"config key 'strategy.name': unknown value {name!r}{_hint(name, list(STRATEGIES))} "
+            f"config key 'strategy.name': unknown value {name!r}{did_you_mean(name, list(STRATEGIES))} "
             f"(valid: {', '.join(sorted(STRATEGIES))}, or an importable 'module:Class')"
         )
     module_name, _, attr = name.partition(":")
@@ -171,7 +166,7 @@ def build_strategy(
         if not takes_kwargs and key not in named:
             raise StrategyError(
                 f"config key '{config_key}': strategy {label!r} takes no setting "
-                f"{_dashed(key)!r}{_hint(_dashed(key), settable)} "
+                f"{_dashed(key)!r}{did_you_mean(_dashed(key), settable)} "
                 f"(accepted: {', '.join(settable) or 'none'})"
             )
         if key in accepted:

@@ -82,41 +82,38 @@ def _iid(cfg: DataConfig, num_partitions: int, seed: int) -> Partitioner:
     return ShuffledIidPartitioner(num_partitions, seed=seed)
 
 
+def _by_label(cls: Callable[..., Partitioner], num_partitions: int, seed: int, **own: Any) -> Partitioner:
+    """A flwr-datasets partitioner ``cls`` over the label column, shuffled with ``seed``."""
+    return cls(num_partitions=num_partitions, partition_by=LABEL, shuffle=True, seed=seed, **own)
+
+
 def _dirichlet(cfg: DataConfig, num_partitions: int, seed: int) -> Partitioner:
     # min_partition_size is set in load_partition once the dataset size is known
     # (see _min_partition_sizes); flwr-datasets resamples up to 10 times to meet it.
-    return DirichletPartitioner(
-        num_partitions=num_partitions,
-        partition_by=LABEL,
+    return _by_label(
+        DirichletPartitioner,
+        num_partitions,
+        seed,
         alpha=float(cfg.alpha),
         min_partition_size=0,
         self_balancing=False,
-        shuffle=True,
-        seed=seed,
     )
 
 
 def _pathological(cfg: DataConfig, num_partitions: int, seed: int) -> Partitioner:
     # "first-deterministic": client i surely gets class i mod K (so every class is
     # used when there are at least K clients), the others are drawn with the seed.
-    return PathologicalPartitioner(
-        num_partitions=num_partitions,
-        partition_by=LABEL,
+    return _by_label(
+        PathologicalPartitioner,
+        num_partitions,
+        seed,
         num_classes_per_partition=cfg.classes_per_client,
         class_assignment_mode="first-deterministic",
-        shuffle=True,
-        seed=seed,
     )
 
 
 def _shard(cfg: DataConfig, num_partitions: int, seed: int) -> Partitioner:
-    return ShardPartitioner(
-        num_partitions=num_partitions,
-        partition_by=LABEL,
-        num_shards_per_partition=cfg.shards_per_client,
-        shuffle=True,
-        seed=seed,
-    )
+    return _by_label(ShardPartitioner, num_partitions, seed, num_shards_per_partition=cfg.shards_per_client)
 
 
 #: ``data.partitioner`` name -> builder ``(cfg, num_partitions, seed) -> Partitioner``.

@@ -189,20 +189,42 @@ def _cached(cfg_key: RunConfig, num_labels: int, device: str) -> FedModel:
     return build_model(cfg_key, num_labels, device)
 
 
+# RunConfig fields that cannot change the model :func:`build_model` builds (the device
+# is keyed on its own, resolved).  Every other field is part of the cache key, so a field
+# added to RunConfig later costs at worst a rebuild, never a stale model.
+_NOT_MODEL_FIELDS = frozenset(
+    {
+        "num_rounds",
+        "num_clients",
+        "fraction_train",
+        "min_train_clients",
+        "min_replies",
+        "fraction_evaluate",
+        "round_timeout",
+        "device",
+        "results_dir",
+        "run_name",
+        "resume",
+        "connect_timeout",
+        "data",
+        "train",
+        "codec",
+        "dp",
+        "strategy",
+        "failures",
+    }
+)
+
+
+def model_key(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the fields that cannot change the model at their defaults: the cache key."""
+    default = RunConfig()
+    return dataclasses.replace(cfg, **{name: getattr(default, name) for name in _NOT_MODEL_FIELDS})
+
+
 def get_model(cfg: RunConfig, num_labels: int) -> FedModel:
     """The per-process model for ``cfg`` (built on first use, then reused)."""
-    # Only the fields that shape the model are part of the cache key.
-    key = RunConfig(
-        seed=cfg.seed,
-        model=cfg.model,
-        peft=cfg.peft,
-        lora=cfg.lora,
-        prompt=cfg.prompt,
-        prefix=cfg.prefix,
-        ia3=cfg.ia3,
-        adapter=cfg.adapter,
-    )
-    return _cached(key, num_labels, str(resolve_device(cfg.device)))
+    return _cached(model_key(cfg), num_labels, str(resolve_device(cfg.device)))
 
 
 def model_cache_info() -> functools._CacheInfo:

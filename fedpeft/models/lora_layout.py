@@ -23,8 +23,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from fedpeft.models.methods import canonical_name
-
-MERGED_A, MERGED_B, MERGED_W = ".base_delta.A", ".base_delta.B", ".base_delta.W"
+from strategies.lora_exact import BASE_A, BASE_B, BASE_W
 
 
 @dataclass
@@ -69,13 +68,13 @@ class LoraLayout:
         return {
             m + suffix
             for m in self.modules
-            for suffix in ((MERGED_W,) if m + MERGED_W in tensors else (MERGED_A, MERGED_B))
+            for suffix in ((BASE_W,) if m + BASE_W in tensors else (BASE_A, BASE_B))
         }
 
     @staticmethod
     def is_merged(tensors: Mapping[str, object]) -> bool:
         """Whether ``tensors`` are in merged form."""
-        return any(k.endswith((MERGED_A, MERGED_W)) for k in tensors)
+        return any(k.endswith((BASE_A, BASE_W)) for k in tensors)
 
     def is_factor_key(self, key: str) -> bool:
         """Whether ``key`` is a LoRA factor (lora_A / lora_B) of one of the modules."""
@@ -98,7 +97,7 @@ class LoraLayout:
         out = {}
         for name, mod in self.modules.items():
             merged = (mod.base_weight.detach().to(torch.float64) - mod.pretrained.to(torch.float64)).cpu()
-            out[name + MERGED_W] = (merged + mod.adapter_delta().cpu()).to(torch.float32).numpy()
+            out[name + BASE_W] = (merged + mod.adapter_delta().cpu()).to(torch.float32).numpy()
         return out
 
     def restore(self) -> None:
@@ -115,15 +114,15 @@ def _delta(
     name: str, tensors: Mapping[str, np.ndarray | torch.Tensor], shape: tuple[int, ...]
 ) -> torch.Tensor:
     """Module ``name``'s merged update as a dense float64 matrix of the base weight's ``shape``."""
-    if name + MERGED_W in tensors:
-        w = torch.as_tensor(tensors[name + MERGED_W], dtype=torch.float64)
+    if name + BASE_W in tensors:
+        w = torch.as_tensor(tensors[name + BASE_W], dtype=torch.float64)
         if tuple(w.shape) != shape:
             raise ValueError(
                 f"merged update of {name!r}: W {tuple(w.shape)} is not the base weight's {shape}"
             )
         return w
-    a = torch.as_tensor(tensors[name + MERGED_A], dtype=torch.float64)
-    b = torch.as_tensor(tensors[name + MERGED_B], dtype=torch.float64)
+    a = torch.as_tensor(tensors[name + BASE_A], dtype=torch.float64)
+    b = torch.as_tensor(tensors[name + BASE_B], dtype=torch.float64)
     if a.ndim != 2 or b.ndim != 2 or (b.shape[0], a.shape[1]) != shape or b.shape[1] != a.shape[0]:
         raise ValueError(
             f"merged update of {name!r}: B {tuple(b.shape)} @ A {tuple(a.shape)} does not give "

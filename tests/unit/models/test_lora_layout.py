@@ -6,7 +6,7 @@ import torch
 
 from fedpeft.config import RunConfig
 from fedpeft.models import ExchangeError, build_model
-from fedpeft.models.lora_layout import MERGED_A, MERGED_B
+from strategies.lora_exact import BASE_A, BASE_B
 
 TOKENS = {"input_ids": torch.tensor([[101, 7592, 2088, 2003, 2307, 102]]), "attention_mask": torch.ones(1, 6)}
 
@@ -37,7 +37,7 @@ def test_merged_form_equals_the_same_update_as_factors(lora):
         a = rng.normal(0, 0.05, (4, 384)).astype(np.float32)
         b = rng.normal(0, 0.05, (384, 4)).astype(np.float32)
         factors[f"{name}.lora_A.weight"], factors[f"{name}.lora_B.weight"] = a, b
-        merged[name + MERGED_A], merged[name + MERGED_B] = a, scale * b
+        merged[name + BASE_A], merged[name + BASE_B] = a, scale * b
     lora.load_exchange_state(factors)
     expected = logits(lora)
     lora.load_exchange_state(merged)
@@ -53,15 +53,15 @@ def test_merged_form_equals_the_same_update_as_factors(lora):
 def test_merged_form_is_strict(lora):
     merged = {k: v for k, v in lora.initial_state.items() if k.startswith("classifier.")}
     for name in lora.lora.modules:
-        merged[name + MERGED_A] = np.zeros((2, 384), np.float32)
-        merged[name + MERGED_B] = np.zeros((384, 2), np.float32)
+        merged[name + BASE_A] = np.zeros((2, 384), np.float32)
+        merged[name + BASE_B] = np.zeros((384, 2), np.float32)
     with pytest.raises(ExchangeError, match="missing"):
         lora.load_exchange_state({k: v for k, v in merged.items() if k != "classifier.bias"})
     with pytest.raises(ExchangeError, match="unexpected"):
         lora.load_exchange_state(merged | {"bert.pooler.dense.weight": np.zeros((384, 384), np.float32)})
     name = next(iter(lora.lora.modules))
     with pytest.raises(ExchangeError, match="does not give"):
-        lora.load_exchange_state(merged | {name + MERGED_B: np.zeros((384, 3), np.float32)})
+        lora.load_exchange_state(merged | {name + BASE_B: np.zeros((384, 3), np.float32)})
     lora.load_exchange_state(lora.initial_state)
 
 
@@ -95,8 +95,8 @@ def test_a_merged_model_saves_and_loads_its_update(lora, tmp_path):
         if i == 0:
             merged[name + ".base_delta.W"] = rng.normal(0, 0.01, (384, 384)).astype(np.float32)
         else:
-            merged[name + MERGED_A] = rng.normal(0, 0.05, (3, 384)).astype(np.float32)
-            merged[name + MERGED_B] = rng.normal(0, 0.05, (384, 3)).astype(np.float32)
+            merged[name + BASE_A] = rng.normal(0, 0.05, (3, 384)).astype(np.float32)
+            merged[name + BASE_B] = rng.normal(0, 0.05, (384, 3)).astype(np.float32)
     lora.load_exchange_state(merged)
     expected = logits(lora)
     cfg = RunConfig(device="cpu", lora=RunConfig().lora.__class__(r=4))

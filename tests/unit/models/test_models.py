@@ -5,7 +5,14 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 from fedpeft.config import ConfigError, RunConfig
-from fedpeft.models import ExchangeError, build_model, canonical_name, get_model, resolve_model_path
+from fedpeft.models import (
+    ExchangeError,
+    build_model,
+    canonical_name,
+    get_model,
+    model_key,
+    resolve_model_path,
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +86,22 @@ def test_full_method_exchanges_every_parameter():
 def test_model_is_built_once_per_process():
     cfg = RunConfig(device="cpu", seed=11)
     assert get_model(cfg, 5) is get_model(RunConfig(device="cpu", seed=11, num_rounds=9), 5)
+
+
+def test_the_cache_key_keeps_what_shapes_the_model_and_drops_the_rest():
+    cfg = RunConfig.from_run_config(
+        {
+            "seed": 3,
+            "lora.r": 4,
+            "adapter.bottleneck": 8,
+            "num-rounds": 9,
+            "codec.name": "sign",
+            "device": "cpu",
+        }
+    )
+    shaping = ("seed", "model", "peft", "lora", "prompt", "prefix", "ia3", "adapter")
+    assert model_key(cfg) == RunConfig(**{name: getattr(cfg, name) for name in shaping})
+    assert model_key(cfg) != model_key(RunConfig.from_run_config({"lora.r": 4, "adapter.bottleneck": 8}))
 
 
 def test_unknown_method_and_target_module_are_config_errors():
