@@ -16,6 +16,7 @@ benchmark or a notebook) fails with the same message as the run config would.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import typing
@@ -674,6 +675,16 @@ class RunConfig(Section):
             value = getattr(obj, fld.name)
             out[key] = ",".join(value) if isinstance(value, tuple) else value
         return out
+
+
+def with_defaults(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A results folder's saved run config with every key it lacks at its default.
+
+    A folder written before a key existed ran with that key's default (a new key never
+    changes what the old runs did), so sweeps and reports compare it as such.
+    """
+    defaults = json.loads(json.dumps(RunConfig().to_run_config(), default=str))
+    return defaults | dict(saved)
 
 
 # ---------------------------------------------------------------------- schema

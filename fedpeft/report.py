@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedpeft.config import with_defaults
 from fedpeft.results import ROUNDS_JSONL, human_bytes, read_rounds
 
 #: Config keys that never tell two runs apart (where they landed, whether resumed);
@@ -98,6 +99,8 @@ def summarize(run_dir: Path, target: float = DEFAULT_TARGET) -> RunSummary:
     if not rounds:
         raise ValueError(f"{run_dir}: rounds.jsonl holds no rounds")
     config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+    if config:  # keys added after the run was written ran at their defaults: group it so
+        config = with_defaults(config)
     accs = [_num(r.get("accuracy")) for r in rounds]
     hit = next((r for r, a in zip(rounds, accs, strict=True) if r["round"] > 0 and a >= target), None)
     raw = encoded = 0.0

@@ -51,7 +51,7 @@ from typing import Any
 
 import tomllib
 
-from fedpeft.config import ConfigError, ConfigValue, RunConfig
+from fedpeft.config import ConfigError, ConfigValue, RunConfig, with_defaults
 from fedpeft.files import atomic_write_text
 from fedpeft.launch import ENGINES, RayOptions, load_experiment, preflight, resolve_config, simulate
 
@@ -161,7 +161,7 @@ def point_status(run_dir: Path, cfg: RunConfig) -> str:
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         return "new"
-    saved = json.loads(config_file.read_text())
+    saved = with_defaults(json.loads(config_file.read_text()))  # keys added since count at default
     wanted = json.loads(json.dumps(cfg.to_run_config(), default=str))
     diff = sorted(k for k in set(saved) | set(wanted) if k != "resume" and saved.get(k) != wanted.get(k))
     if diff:

@@ -206,3 +206,18 @@ def test_the_readme_sweep_example_is_valid(tmp_path):
     path.write_text(block)
     sweep = Sweep.load(path)
     assert len(sweep.resolve()) == 9 and sweep.engine == "ray"
+
+
+def test_a_folder_written_before_a_key_existed_counts_it_at_its_default(tmp_path):
+    import json
+
+    from fedpeft.config import RunConfig
+    from fedpeft.sweep import point_status
+
+    cfg = RunConfig.from_run_config({"results-dir": str(tmp_path), "run-name": "old"})
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    saved = json.loads(json.dumps(cfg.to_run_config(), default=str))
+    del saved["task.name"]  # written before the task key existed
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    assert point_status(run_dir, cfg) == "new"  # no clash: the old run used the default task
