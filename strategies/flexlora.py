@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from strategies.arrays import Tensors, dict_to_record, record_to_dict
 from strategies.fedavg_kwargs import FedAvgKwargs, forwards_fedavg_kwargs
-from strategies.functional import reply_updates
+from strategies.functional import checked_updates
 from strategies.lora_exact import (
     LoraLayoutError,
     factors_of,
@@ -50,7 +50,6 @@ from strategies.lora_exact import (
     truncate_factors,
     weighted_mean,
 )
-from strategies.replies import check_and_log_replies
 from strategies.traits import StrategyTraits
 
 
@@ -182,10 +181,9 @@ class FlexLoRA(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """``dW = sum_k p_k s_k B_k A_k`` per module, SVD'd back to rank R; head FedAvg'd."""
-        valid, _ = check_and_log_replies(replies, is_train=True, weighted_by_key=self.weighted_by_key)
-        if not valid:
+        if (checked := checked_updates(replies, self.weighted_by_key)) is None:
             return None, None
-        _, updates, weights = reply_updates(valid, self.weighted_by_key)
+        valid, updates, weights = checked
         try:
             tensors = self.aggregate(updates, weights)
         except (ValueError, KeyError) as err:

@@ -39,7 +39,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from strategies.arrays import Tensors, dict_to_record, record_to_dict
 from strategies.fedavg_kwargs import FedAvgKwargs, forwards_fedavg_kwargs
-from strategies.functional import reply_updates
+from strategies.functional import checked_updates
 from strategies.lora_exact import (
     LoraLayoutError,
     base_a_key,
@@ -55,7 +55,6 @@ from strategies.lora_exact import (
     stack_factors,
     weighted_mean,
 )
-from strategies.replies import check_and_log_replies
 from strategies.traits import StrategyTraits
 
 
@@ -134,14 +133,13 @@ class FLoRA(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Stack the replies onto :attr:`current_global`; return the new merged form."""
-        valid, _ = check_and_log_replies(replies, is_train=True, weighted_by_key=self.weighted_by_key)
-        if not valid:
+        if (checked := checked_updates(replies, self.weighted_by_key)) is None:
             return None, None
         if self.current_global is None:
             raise AggregationError(
                 "flora: no global model yet; configure_train must run before aggregate_train"
             )
-        _, updates, weights = reply_updates(valid, self.weighted_by_key)
+        valid, updates, weights = checked
         try:
             tensors = self.aggregate(self.current_global, updates, weights)
         except (ValueError, KeyError) as err:

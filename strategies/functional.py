@@ -98,6 +98,19 @@ def reply_updates(
     return nodes, updates, weights
 
 
+def checked_updates(
+    replies: Iterable[Message], weighted_by_key: str = "num-examples"
+) -> tuple[list[Message], list[Tensors], list[float]] | None:
+    """Flower's checks on train replies (:func:`strategies.replies.check_and_log_replies`),
+    then :func:`reply_updates` of the valid ones: ``(valid, updates, weights)``, or None
+    when no reply can be aggregated."""
+    valid, _ = check_and_log_replies(replies, is_train=True, weighted_by_key=weighted_by_key)
+    if not valid:
+        return None
+    _, updates, weights = reply_updates(valid, weighted_by_key)
+    return valid, updates, weights
+
+
 # ---------------------------------------------------------------------- what a user gave
 def is_init_apply(obj: object) -> bool:
     """Whether ``obj`` (object, class or module) has callable ``init`` and ``apply``."""
@@ -165,10 +178,9 @@ class FunctionalStrategy(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Call the function on the replies in node-id order; metrics as FedAvg."""
-        valid, _ = check_and_log_replies(replies, is_train=True, weighted_by_key=self.weighted_by_key)
-        if not valid:
+        if (checked := checked_updates(replies, self.weighted_by_key)) is None:
             return None, None
-        _, updates, weights = reply_updates(valid, self.weighted_by_key)
+        valid, updates, weights = checked
         if self.aggregate_fn is not None:
             out: Any = self.aggregate_fn(updates, weights)
         else:
