@@ -27,13 +27,13 @@ from flwr.app import Context, Message, RecordDict
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 from flwr.common.constant import NODE_ID_NUM_BYTES, SUPERLINK_NODE_ID, ErrorCode
-from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.config import ConfigValue
 from fedpeft.faults import simulated_time
 from fedpeft.runtime import derive_seed
+from strategies.grid import MessageGrid
 
 
 @contextlib.contextmanager
@@ -65,7 +65,7 @@ def _seeded_uint64s(seed: int, label: str, count: int) -> list[int]:
     return ids
 
 
-class DirectGrid(Grid):
+class DirectGrid(MessageGrid):
     """``num_nodes`` virtual nodes served by ``client_app`` in the calling process."""
 
     def __init__(
@@ -121,16 +121,6 @@ class DirectGrid(Grid):
     @property
     def run(self) -> Run:
         return Run.create_empty(TaskIdentity.run_id)
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)

@@ -49,13 +49,13 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedTrimmedAvg, MultiKrum, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from strategies.arrays import Tensors, dict_to_record, record_to_dict
+from strategies.grid import MessageGrid
 from strategies.lora_exact import (
     LORA_A,
     LORA_B,
@@ -167,7 +167,7 @@ def ensure_task_identity() -> None:
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
 
 
-class ToyGrid(Grid):
+class ToyGrid(MessageGrid):
     """A grid that only lists nodes: enough for a strategy's configure calls.
 
     Flower's ``Message()`` reads the process's run identity, unset outside its runtime;
@@ -184,16 +184,6 @@ class ToyGrid(Grid):
     @property
     def run(self) -> Run:
         return Run.create_empty(0)
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.node_ids)
