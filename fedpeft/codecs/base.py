@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -150,7 +150,7 @@ class FlatCodec:
     passthrough: ClassVar[bool] = False
     # The scales a payload carries: "none"; "tensor", one per tensor; "tensor-or-global", one
     # per tensor when the payload is flagged FLAG_TENSOR_SCALES, else one for the whole update.
-    scales: ClassVar[str] = "none"
+    scales: ClassVar[Literal["none", "tensor", "tensor-or-global"]] = "none"
 
     def __init__(self, density: float = 1.0, settings: Any = None) -> None:
         self.density = density
