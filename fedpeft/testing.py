@@ -25,7 +25,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid
 
 from fedpeft.config import ConfigValue
 from fedpeft.faults import simulated_time
@@ -40,6 +39,7 @@ from fedpeft.flower_compat import (
     task_run_id,
 )
 from fedpeft.runtime import derive_seed
+from strategies.grid import MessageGrid
 
 
 @contextlib.contextmanager
@@ -71,7 +71,7 @@ def _seeded_uint64s(seed: int, label: str, count: int) -> list[int]:
     return ids
 
 
-class DirectGrid(Grid):
+class DirectGrid(MessageGrid):
     """``num_nodes`` virtual nodes served by ``client_app`` in the calling process."""
 
     def __init__(
@@ -127,16 +127,6 @@ class DirectGrid(Grid):
     @property
     def run(self) -> Run:
         return empty_run(task_run_id())
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)

@@ -49,7 +49,6 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedTrimmedAvg, MultiKrum, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 
@@ -58,6 +57,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 # identity; only Flower's runtime sets it, and no public API does.
 from fedpeft.flower_compat import Run, empty_run, ensure_task_identity
 from strategies.arrays import Tensors, dict_to_record, record_to_dict
+from strategies.grid import MessageGrid
 from strategies.lora_exact import (
     LORA_A,
     LORA_B,
@@ -167,7 +167,7 @@ class Outcome:
 
 
 # ---------------------------------------------------------------------- toy federation
-class ToyGrid(Grid):
+class ToyGrid(MessageGrid):
     """A grid that only lists nodes: enough for a strategy's configure calls.
 
     Flower's ``Message()`` reads the process's run identity, unset outside its runtime;
@@ -184,16 +184,6 @@ class ToyGrid(Grid):
     @property
     def run(self) -> Run:
         return empty_run(0)
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.node_ids)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -28,9 +28,16 @@ from fedpeft.codecs.bitstream import (
     scale_bytes,
     unpack,
 )
+from fedpeft.config import choices
 
 Update = Mapping[str, np.ndarray]
 HEADER_BOUND = FIXED.size + 5 * 10 + CRC.size  # fixed part, five varints of at most 10 bytes, crc
+
+
+def tensor_or_global() -> Any:
+    """A codec settings field choosing per tensor (``"tensor"``, the default) or over the
+    whole update at once (``"global"``): where top-k selects, how many scales travel."""
+    return field(default="tensor", metadata=choices("tensor", "global"))
 
 
 def to_half(x: np.ndarray) -> np.ndarray:
@@ -141,6 +148,9 @@ class FlatCodec:
     citation: ClassVar[str] = ""
     # True: the glue sends plain Flower arrays instead of a payload (dense float32).
     passthrough: ClassVar[bool] = False
+    # The scales a payload carries: "none"; "tensor", one per tensor; "tensor-or-global", one
+    # per tensor when the payload is flagged FLAG_TENSOR_SCALES, else one for the whole update.
+    scales: ClassVar[Literal["none", "tensor", "tensor-or-global"]] = "none"
 
     def __init__(self, density: float = 1.0, settings: Any = None) -> None:
         self.density = density
@@ -248,8 +258,10 @@ class FlatCodec:
         return template.unflatten(out)
 
     def num_scales(self, template: Template, per_tensor: bool) -> int:
-        """How many scales a payload of this codec carries (0 for codecs without any)."""
-        return 0
+        """How many scales a payload of this codec carries (see :attr:`scales`)."""
+        if self.scales == "none":
+            return 0
+        return len(template.names) if per_tensor or self.scales == "tensor" else 1
 
     @staticmethod
     def stored_scales(scales: np.ndarray) -> np.ndarray:

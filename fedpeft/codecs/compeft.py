@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedpeft.codecs.base import FlatCodec, Parts, entropy_bound_bits
+from fedpeft.codecs.base import FlatCodec, Parts, entropy_bound_bits, tensor_or_global
 from fedpeft.codecs.bitstream import Header, PayloadError, Template
 from fedpeft.codecs.sparse import (
     pack_positions,
@@ -37,7 +37,7 @@ class CompeftSettings(TopkSettings):
     scale: str = field(default="mean", metadata=choices("mean", "std"))
     alpha: float = field(default=1.0, metadata=value_range(0.0, lo_open=True))
     # One scale per tensor, or one for the whole update.
-    scale_per: str = field(default="tensor", metadata=choices("tensor", "global"))
+    scale_per: str = tensor_or_global()
 
 
 class CompeftCodec(FlatCodec):
@@ -48,9 +48,7 @@ class CompeftCodec(FlatCodec):
     payload_type = "fedpeft.compeft/2"
     citation = "ComPEFT (Yadav et al., 2023); STC (Sattler et al., 2019)"
     settings: CompeftSettings
-
-    def num_scales(self, template: Template, per_tensor: bool) -> int:
-        return len(template.names) if per_tensor else 1
+    scales = "tensor-or-global"
 
     def parts(self, x: np.ndarray, template: Template) -> Parts:
         s = self.settings

@@ -47,9 +47,7 @@ class Int8Codec(FlatCodec):
     payload_type = "fedpeft.int8/2"
     citation = "QSGD (Alistarh et al., 2017); FedPAQ (Reisizadeh et al., 2020)"
     settings: Int8Settings
-
-    def num_scales(self, template: Template, per_tensor: bool) -> int:
-        return len(template.names)
+    scales = "tensor"
 
     def parts(self, x: np.ndarray, template: Template) -> Parts:
         offsets = template.offsets

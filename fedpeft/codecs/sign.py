@@ -7,13 +7,12 @@ Compression Schemes"): send sign(x) * ||x||_1 / n, i.e. the mean magnitude, per 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from fedpeft.codecs.base import FlatCodec, Parts
+from fedpeft.codecs.base import FlatCodec, Parts, tensor_or_global
 from fedpeft.codecs.bitstream import Header, PayloadError, Template
-from fedpeft.config import choices
 
 
 @dataclass(frozen=True)
@@ -21,7 +20,7 @@ class SignSettings:
     """``[codec.sign]``."""
 
     # One scale (mean |x|) per tensor, or one for the whole update.
-    scale_per: str = field(default="tensor", metadata=choices("tensor", "global"))
+    scale_per: str = tensor_or_global()
 
 
 def tensor_mean_abs(x: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -42,9 +41,7 @@ class SignCodec(FlatCodec):
     payload_type = "fedpeft.sign/2"
     citation = "EF-SignSGD (Karimireddy et al., 2019)"
     settings: SignSettings
-
-    def num_scales(self, template: Template, per_tensor: bool) -> int:
-        return len(template.names) if per_tensor else 1
+    scales = "tensor-or-global"
 
     def parts(self, x: np.ndarray, template: Template) -> Parts:
         per_tensor = self.settings.scale_per == "tensor"

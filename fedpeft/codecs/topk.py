@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedpeft.codecs.base import FlatCodec, Parts, positions_bound_bits, to_half
+from fedpeft.codecs.base import FlatCodec, Parts, positions_bound_bits, tensor_or_global, to_half
 from fedpeft.codecs.bitstream import Header, PayloadError, Template
 from fedpeft.codecs.sparse import pack_positions, positions_bound_bytes, select, unpack_positions
 from fedpeft.config import choices
@@ -24,7 +24,7 @@ class TopkSettings:
     """``[codec.topk]``."""
 
     # Top-k within each tensor, or over all exchanged tensors at once.
-    scope: str = field(default="tensor", metadata=choices("tensor", "global"))
+    scope: str = tensor_or_global()
     # Entropy coder of the kept positions: "ans" (constriction) or "rice" (Golomb-Rice gaps).
     positions: str = field(default="ans", metadata=choices("ans", "rice"))
 

@@ -18,11 +18,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedpeft.flower_compat import Run
 from fedpeft.wire import message_sizes, payload_size
+from strategies.grid import MessageGrid
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Exchange:
         return self.replied and not self.error
 
 
-class MeteredGrid(Grid):
+class MeteredGrid(MessageGrid):
     """A ``Grid`` that records the serialized size of every message in both directions."""
 
     def __init__(self, inner: Grid, node_order: Callable[[int], int] | None = None) -> None:
@@ -63,16 +64,6 @@ class MeteredGrid(Grid):
     @property
     def run(self) -> Run:
         return self._inner.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         return sorted(self._inner.get_node_ids(), key=self.node_order)
