@@ -54,14 +54,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     ckpt = Checkpoint.load(run_dir) if cfg.resume else None
     state: ServerState = ckpt.state["server"] if ckpt else ServerState.fresh(cfg)
     done = ckpt.round if ckpt else 0
-    writer = ResultsWriter(run_dir)
-    if ckpt:
-        prepare_resume(run_dir, done)
-        writer.resume(done)
-    else:
-        writer.write_config(cfg.to_run_config())
-        shutil.rmtree(run_dir / CLIENT_STATE_DIR, ignore_errors=True)  # a reused run name
-    writer.write_versions()
+    writer = open_results(run_dir, cfg, done if ckpt else None)
 
     def evaluate_global(arrays: ArrayRecord) -> tuple[float, float]:
         model.load_exchange_state(from_record(arrays))
@@ -103,13 +96,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
         f"results in {run_dir}" + (f"; resuming after round {done}" if ckpt else ""),
         flush=True,
     )
-    found = discover_clients(metered, cfg)  # its messages count in round 0
-    partition_of.update(found.partition_of)
-    state.hand_discovery(found.ranks, found.plans)
-    if ckpt:  # a new engine gave the nodes new ids: the same partitions, renamed
-        by_partition = {pid: node for node, pid in partition_of.items()}
-        remap_nodes(state.strategy, {old: by_partition[pid] for old, pid in ckpt.partition_of.items()})
-        set_rng_state(ckpt.rng)
+    partition_of.update(meet_clients(metered, cfg, state, ckpt))
     metered.node_order = partition_of.__getitem__
     _write_partition_stats(writer, cfg)
     initial = to_record(ckpt.arrays) if ckpt else to_record(model.initial_state)
@@ -127,6 +114,34 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     save_adapter(model, run_dir, labels, cfg)  # last: its presence marks a finished run
     print(f"fedpeft: done in {time.perf_counter() - t0:.1f} s; results in {run_dir}", flush=True)
     return run_dir
+
+
+def open_results(run_dir: Path, cfg: RunConfig, resume_after: int | None) -> ResultsWriter:
+    """The results folder: continued after round ``resume_after``, or started afresh."""
+    writer = ResultsWriter(run_dir)
+    if resume_after is not None:
+        prepare_resume(run_dir, resume_after)
+        writer.resume(resume_after)
+    else:
+        writer.write_config(cfg.to_run_config())
+        shutil.rmtree(run_dir / CLIENT_STATE_DIR, ignore_errors=True)  # a reused run name
+    writer.write_versions()
+    return writer
+
+
+def meet_clients(
+    grid: MeteredGrid, cfg: RunConfig, state: ServerState, ckpt: Checkpoint | None
+) -> dict[int, int]:
+    """Round 0: discover the nodes (its messages count in round 0), hand what they announced
+    to the stack, and on a resume rename the checkpoint's node ids to this engine's.
+    Returns node id -> partition id."""
+    found = discover_clients(grid, cfg)
+    state.hand_discovery(found.ranks, found.plans)
+    if ckpt:  # a new engine gave the nodes new ids: the same partitions, renamed
+        by_partition = {pid: node for node, pid in found.partition_of.items()}
+        remap_nodes(state.strategy, {old: by_partition[pid] for old, pid in ckpt.partition_of.items()})
+        set_rng_state(ckpt.rng)
+    return found.partition_of
 
 
 def validation_scorer(model: FedModel, cfg: RunConfig) -> Callable[[dict[str, Any]], float]:
