@@ -136,3 +136,13 @@ def test_resume_clears_cut_short_writes_and_refuses_a_damaged_client_state(tmp_p
     with pytest.raises(CheckpointError, match="round-000002.state.*checksum"):
         prepare_resume(tmp_path, up_to_round=2)
     prepare_resume(tmp_path, up_to_round=1)  # a resume that needs only round 1's state is fine
+
+
+def test_a_checkpoint_naming_a_class_that_moved_is_refused_clearly(tmp_path):
+    """Checkpoints from before the server wing pickled e.g. ``fedpeft.guard.UpdateGuard``."""
+    from fedpeft.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, write_atomic
+
+    old_class_path = b"cfedpeft.guard\nUpdateGuard\n."  # a pickle: the class by its old path
+    write_atomic(tmp_path / CHECKPOINT_FILE, old_class_path)
+    with pytest.raises(CheckpointError, match=r"older fedpeft whose classes moved.*start the run again"):
+        Checkpoint.load(tmp_path)
