@@ -14,6 +14,7 @@ from fedpeft.testing import DirectGrid
 from strategies import STRATEGIES
 from strategies.conformance import Traits, run_conformance
 from strategies.traits import UsesClientRanks, traits_of
+from tests.unit.codecs.test_composition import SMALL
 from tests.unit.strategies.toy_strategy import RankedFedAvg
 
 
@@ -37,17 +38,9 @@ def test_toy_strategy_declares_its_traits_and_protocols(toy_registered):
 
 def test_toy_strategy_runs_and_its_metrics_are_recorded(toy_registered, tmp_path):
     cfg = RunConfig.from_run_config(
-        {
-            "num-clients": 3,
-            "num-rounds": 2,
-            "min-train-clients": 3,
-            "device": "cpu",
-            "model.max-length": 16,
-            "data.max-examples": 90,
-            "data.test-fraction": 0.2,
-            "data.partitioner": "iid",
-            "train.batch-size": 8,
-            "train.max-steps": 1,
+        SMALL
+        | {
+            "codec.name": "none",
             "strategy.name": "toy-ranked",
             "results-dir": str(tmp_path),
             "run-name": "toy",
