@@ -32,6 +32,12 @@ SMALL = {
 }
 
 
+def small_run(tmp_path, overrides):
+    """The round records of a SMALL run with ``overrides``, in process through the real apps."""
+    cfg = RunConfig.from_run_config(SMALL | overrides | {"results-dir": str(tmp_path), "run-name": "small"})
+    return cfg, read_rounds(run_server(DirectGrid(client_module.app, 3, cfg.to_run_config()), cfg))
+
+
 # FlexLoRA and FLoRA send per-node / merged layouts, which the codec refuses up front
 # (tests/unit/test_lora_strategies_flow.py); every other strategy composes with it.
 COMPOSABLE = sorted(n for n in STRATEGIES if not declared_traits(resolve_strategy(n)).rewrites_arrays)

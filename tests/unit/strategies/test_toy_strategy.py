@@ -6,15 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from fedpeft.apps import client_app as client_module
-from fedpeft.apps.server_app import run_server
-from fedpeft.config import RunConfig
-from fedpeft.results import read_rounds
-from fedpeft.testing import DirectGrid
 from strategies import STRATEGIES
 from strategies.conformance import Traits, run_conformance
 from strategies.traits import UsesClientRanks, traits_of
-from tests.unit.codecs.test_composition import SMALL
+from tests.unit.codecs.test_composition import small_run
 from tests.unit.strategies.toy_strategy import RankedFedAvg
 
 
@@ -37,22 +32,15 @@ def test_toy_strategy_declares_its_traits_and_protocols(toy_registered):
 
 
 def test_toy_strategy_runs_and_its_metrics_are_recorded(toy_registered, tmp_path):
-    cfg = RunConfig.from_run_config(
-        SMALL
-        | {
-            "codec.name": "none",
-            "strategy.name": "toy-ranked",
-            "results-dir": str(tmp_path),
-            "run-name": "toy",
-        }
+    cfg, rounds = small_run(
+        tmp_path, {"codec.name": "none", "codec.downlink": "same", "strategy.name": "toy-ranked"}
     )
-    rounds = read_rounds(run_server(DirectGrid(client_module.app, 3, cfg.to_run_config()), cfg))
     assert [r["num_replied"] for r in rounds[1:]] == [3, 3]
     for r in rounds[1:]:
         assert r["strategy_metrics"]["train.toy-known-ranks"] == 3.0  # handed over at discovery
         assert r["strategy_metrics"]["train.toy-rank-sum"] == 3 * cfg.lora.r
     assert rounds[0]["strategy_metrics"] == {}
-    csv_header = (tmp_path / "toy" / "rounds.csv").read_text().splitlines()[0]
+    csv_header = (tmp_path / "small" / "rounds.csv").read_text().splitlines()[0]
     assert csv_header.endswith("strategy_metrics")
 
 
