@@ -218,8 +218,14 @@ _NOT_MODEL_FIELDS = frozenset(
 
 def model_key(cfg: RunConfig) -> RunConfig:
     """``cfg`` with the fields that cannot change the model at their defaults: the cache key."""
+    return dataclasses.replace(cfg, **_not_model_defaults())
+
+
+@functools.cache
+def _not_model_defaults() -> dict[str, Any]:
+    """The defaults :func:`model_key` resets, built once (it runs on every client message)."""
     default = RunConfig()
-    return dataclasses.replace(cfg, **{name: getattr(default, name) for name in _NOT_MODEL_FIELDS})
+    return {name: getattr(default, name) for name in _NOT_MODEL_FIELDS}
 
 
 def get_model(cfg: RunConfig, num_labels: int) -> FedModel:

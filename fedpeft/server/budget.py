@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import (
 from fedpeft.config import ConfigError, DPConfig
 from fedpeft.privacy.accounting import Ledger, RoundPlan
 from fedpeft.server.rejections import RejectionLog
+from fedpeft.wire import METRICS_KEY
 from strategies.wrapper import StrategyWrapper
 
 
@@ -83,7 +84,7 @@ class PrivacyBudget(StrategyWrapper):
         for reply in replies:
             if reply.has_error():
                 continue
-            m = reply.content.metric_records.get("metrics")
+            m = reply.content.metric_records.get(METRICS_KEY)
             spent = RoundPlan.from_metrics(m) if m is not None else None
             if spent is not None:
                 self.ledgers.setdefault(reply.metadata.src_node_id, Ledger()).add(
