@@ -35,12 +35,23 @@ def _half(v: np.ndarray) -> np.ndarray:
     return np.clip(v, -big, big).astype(np.float16).astype(np.float32)
 
 
-def _stored(scale: float) -> np.float32:
-    """A scale as the container stores it: fp16 when it is a normal fp16 number."""
-    s16 = np.float16(scale)
-    if np.isfinite(s16) and (scale == 0 or abs(s16) >= np.finfo(np.float16).tiny):
-        return np.float32(s16)
-    return np.float32(scale)
+def _stored(scales: list[float]) -> np.ndarray:
+    """A payload's scales as the container stores them: all fp16 when every one is zero or a
+    normal fp16 number, else all fp32 (one scale too small for fp16 keeps the others exact)."""
+    s32 = np.asarray(scales, np.float32)
+    with np.errstate(over="ignore"):
+        s16 = s32.astype(np.float16)
+    if np.all(np.isfinite(s16)) and np.all((s32 == 0) | (np.abs(s16) >= np.finfo(np.float16).tiny)):
+        return s16.astype(np.float32)
+    return s32
+
+
+def _int8_steps(update: dict) -> dict[str, np.float32]:
+    """Each tensor's int8 step (absmax / 127), as stored."""
+    raw = [
+        float(np.max(np.abs(np.asarray(v, np.float32)))) / 127 if np.size(v) else 0.0 for v in update.values()
+    ]
+    return dict(zip(update, _stored(raw), strict=True))
 
 
 def _groups(update: dict, scope: str) -> tuple[list[str], list[np.ndarray]]:
@@ -74,9 +85,10 @@ def ref_fp16(update, codec):
 
 def ref_int8(update, codec):
     out = {}
+    steps = _int8_steps(update)
     for k, v in update.items():
         x = np.asarray(v, np.float32)
-        scale = _stored(float(np.max(np.abs(x))) / 127 if x.size else 0.0)
+        scale = steps[k]
         if codec.settings.rounding == "nearest":
             q = np.clip(np.rint(x / scale if scale else x * 0), -127, 127)
             out[k] = (q * scale).astype(np.float32)
@@ -97,10 +109,10 @@ def ref_sign(update, codec):
     names, flat = _groups(update, "tensor")
     x = np.concatenate(flat)
     if codec.settings.scale_per == "global":
-        scales = [_stored(float(np.mean(np.abs(x.astype(np.float64)))))] * len(flat)
+        scales = _stored([float(np.mean(np.abs(x.astype(np.float64))))] * len(flat))
     else:
-        scales = [_stored(float(np.mean(np.abs(f.astype(np.float64))))) for f in flat]
-    s = np.repeat(np.asarray(scales, np.float32), [f.size for f in flat])
+        scales = _stored([float(np.mean(np.abs(f.astype(np.float64)))) for f in flat])
+    s = np.repeat(scales, [f.size for f in flat])
     return _unflat(np.where(x < 0, -s, s).astype(np.float32), names, update)
 
 
@@ -113,13 +125,13 @@ def ref_compeft(update, codec):
 
     def scale_of(sel, values):
         if cfg.scale == "std":
-            return _stored(cfg.alpha * float(np.std(values.astype(np.float64))))
-        return _stored(float(np.mean(np.abs(x[sel]).astype(np.float64))) if sel.any() else 0.0)
+            return cfg.alpha * float(np.std(values.astype(np.float64)))
+        return float(np.mean(np.abs(x[sel]).astype(np.float64))) if sel.any() else 0.0
 
     if cfg.scale_per == "global":
-        scales = np.full(len(flat), scale_of(mask, x), np.float32)
+        scales = _stored([scale_of(mask, x)] * len(flat))
     else:
-        scales = np.array([scale_of(mask & (tensor_of == i), f) for i, f in enumerate(flat)], np.float32)
+        scales = _stored([scale_of(mask & (tensor_of == i), f) for i, f in enumerate(flat)])
     s = scales[tensor_of]
     return _unflat(np.where(mask, np.where(x < 0, -s, s), 0).astype(np.float32), names, update)
 
@@ -216,6 +228,7 @@ def test_round_trip_equals_the_reference(update, index):
     decoded = codec.decode(payload, Template.of(update))
     assert list(decoded) == sorted(update)
     expected = REFERENCES[name](update, codec)
+    steps = _int8_steps(update)
     for k in update:
         assert decoded[k].dtype == np.float32 and decoded[k].shape == np.shape(update[k])
         np.testing.assert_array_equal(decoded[k], reconstructed[k])  # the sender's view is exact
@@ -223,7 +236,7 @@ def test_round_trip_equals_the_reference(update, index):
             np.testing.assert_allclose(decoded[k], expected[k], rtol=1e-6, atol=0)
         else:  # stochastic int8: one of the two neighbouring levels of each entry
             x = np.asarray(update[k], np.float32)
-            step = _stored(float(np.max(np.abs(x))) / 127) if x.size else 0
+            step = steps[k]
             assert np.all(np.abs(decoded[k] - x) <= step * (1 + 1e-5) + 1e-30)
     assert stats.n == sum(np.size(v) for v in update.values()) and stats.encoded_bytes == len(payload)
     assert len(payload) <= codec.size_bound(Template.of(update))
