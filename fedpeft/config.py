@@ -193,7 +193,14 @@ class ModelConfig(Section, section="model"):
     # "minilm" resolves the packaged all-MiniLM-L6-v2 folder; anything else is passed
     # to ``from_pretrained`` as a local folder or a hub name.
     name: str = "minilm"
+    # Tokens per example (prompt + response for a causal LM; longer inputs are truncated).
     max_length: int = field(default=64, metadata=_range(8, 4096))
+    # Dtype of the frozen backbone: "auto" is bfloat16 on a GPU that supports it, else
+    # float32 (CPUs are slow in bfloat16); the trained tensors stay float32.
+    dtype: str = field(default="auto", metadata=_choices("auto", "float32", "bfloat16"))
+    # Recompute activations in the backward pass instead of keeping them (less memory,
+    # about a third more compute): for long sequences on a small machine.
+    gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
@@ -203,7 +210,9 @@ class LoraConfig(Section, section="lora"):
     r: int = field(default=8, metadata=_range(1, 4096))
     alpha: float = field(default=16.0, metadata=_range(0.0, lo_open=True))
     dropout: float = field(default=0.05, metadata=_range(0.0, 0.99))
-    target_modules: tuple[str, ...] = ("query", "value")
+    # Module names LoRA wraps: "auto" is peft's default for the architecture (query,value
+    # for BERT; q_proj,v_proj for Llama), "all-linear" every linear layer but the output one.
+    target_modules: tuple[str, ...] = ("auto",)
     # FFA-LoRA (Sun et al., 2024): keep A at its shared seeded initialisation; only B trains
     # and travels.  Implied by strategy.name = "ffa-lora".
     freeze_a: bool = False
@@ -301,14 +310,40 @@ class DataConfig(Section, section="data"):
     # split when the server tunes something, else none (every example is a test example).
     validation_examples: int = field(default=0, metadata=_range(0))
     partitioner: str = field(
-        default="dirichlet", metadata=_choices("iid", "dirichlet", "pathological", "shard")
+        default="dirichlet", metadata=_choices("iid", "dirichlet", "pathological", "shard", "natural")
     )
+    # Natural partitioning: the column whose values name the clients (one client per
+    # distinct value; a local file's user id, say, or "label" for one class per client).
+    partition_column: str = ""
     # Dirichlet concentration: small = more skewed label distributions.
     alpha: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
     # Pathological partitioning: classes held by each client.
     classes_per_client: int = field(default=2, metadata=_range(1))
     # Shard partitioning: label-sorted shards per client.
     shards_per_client: int = field(default=2, metadata=_range(1))
+
+    def _check(self) -> None:
+        if self.partitioner == "natural" and not self.partition_column:
+            raise ConfigError(
+                "config key 'data.partition-column' must name the column that identifies the clients "
+                "when data.partitioner = 'natural'"
+            )
+
+
+@dataclass(frozen=True)
+class LMConfig(Section, section="lm"):
+    """Causal-LM instruction tuning (``task.name = "causal-lm"``): formatting and generation."""
+
+    # Format prompts with the tokenizer's chat template (when it has one); otherwise, or
+    # when false, as "### Instruction:\n...\n\n### Response:\n".
+    chat_template: bool = True
+    # Held-out prompts answered by greedy generation at every evaluation, for exact match
+    # (the round's "accuracy"); 0 = no generation (exact match is then not measured).
+    generate_examples: int = field(default=64, metadata=_range(0))
+    max_new_tokens: int = field(default=16, metadata=_range(1, 1024))
+    # Pack several short examples into each row of max-length tokens (each attends only
+    # to itself: block-diagonal causal masks, positions restarting per example).
+    packing: bool = False
 
 
 @dataclass(frozen=True)
@@ -566,6 +601,7 @@ class RunConfig(Section):
     ia3: IA3Config = IA3Config()
     adapter: AdapterConfig = AdapterConfig()
     data: DataConfig = DataConfig()
+    lm: LMConfig = LMConfig()
     train: TrainConfig = TrainConfig()
     codec: CodecConfig = field(default_factory=CodecConfig)  # its default reads the codec registry
     dp: DPConfig = DPConfig()
@@ -631,10 +667,28 @@ class RunConfig(Section):
                 f"config keys 'lora.ranks' / 'lora.freeze-a' (or strategy 'ffa-lora') need "
                 f"peft.method = 'lora', not {self.peft.method!r}"
             )
+        if self.lm.packing:
+            self._check_packing()
         dev = self.device
         if not (dev in ("auto", "cpu", "mps", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ConfigError(
                 f"config key 'device': unknown value {dev!r} (valid: auto, cpu, cuda, cuda:N, mps)"
+            )
+
+    def _check_packing(self) -> None:
+        if self.task.name != "causal-lm":
+            raise ConfigError(
+                f"config key 'lm.packing' needs task.name = 'causal-lm', not {self.task.name!r}"
+            )
+        if self.peft.method in ("prompt", "prefix"):
+            raise ConfigError(
+                f"config key 'lm.packing' cannot pack examples for peft.method {self.peft.method!r}: its "
+                "virtual tokens would be shared by every example of a row"
+            )
+        if self.dp.mode in ("local", "both"):
+            raise ConfigError(
+                "config key 'lm.packing' cannot be used with local DP-SGD (dp.mode local/both): a packed row "
+                "holds several examples, and DP-SGD clips per row, so one example's privacy would not be bounded"
             )
 
     def server_tunes(self) -> bool:

@@ -135,8 +135,10 @@ def preflight(cfg: RunConfig) -> None:
         from fedpeft.results import run_dir_for
 
         Checkpoint.load(run_dir_for(cfg))
-    if get_task(cfg).num_outputs(cfg) < 2:
+    task = get_task(cfg)
+    if task.num_outputs(cfg) < 2:
         raise ConfigError(f"config key 'data.dataset': {cfg.data.dataset!r} has fewer than 2 classes")
+    task.client_train_size(cfg, 0, cfg.num_clients)  # the data loads and splits (natural ids, say)
 
 
 def ray_backend_config(cfg: RunConfig, ray: RayOptions) -> dict[str, Any]:

@@ -10,8 +10,9 @@ Per run: final and best global accuracy, rounds to reach ``target`` accuracy, to
 up and down (as metered on the wire), bytes up+down until the target was first reached,
 the uplink compression ratio (dense float32 update / coded payload, from the codec's own
 per-client figures; 1 when no codec ran), the largest epsilon spent (local DP-SGD, or the
-central mechanism's), wall time, and the final round's scalar ``strategy_metrics`` (what
-the strategy returned from aggregation, a user's strategy included).  Writes ``report.md``, ``report.csv`` (one row per
+central mechanism's), wall time, the final round's task metrics besides accuracy (a causal
+LM's perplexity and exact match: ``task.<key>`` columns) and its scalar ``strategy_metrics``
+(what the strategy returned from aggregation, a user's strategy included).  Writes ``report.md``, ``report.csv`` (one row per
 group), ``runs.csv`` (one row per run), ``accuracy_vs_rounds.png`` and
 ``accuracy_vs_bytes.png`` (cumulative bytes up+down, log scale) and ``frontier.png``
 (final accuracy against total bytes up+down per group: mean, and min-max over seeds).
@@ -58,6 +59,8 @@ class RunSummary:
     wall_seconds: float
     # The last trained round's scalar strategy metrics ("train.<key>", "evaluate.<key>").
     strategy_metrics: dict[str, float] = field(default_factory=dict)
+    # The final round's task metrics besides accuracy (a causal LM's perplexity, exact match).
+    task_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def seed(self) -> Any:
@@ -128,13 +131,17 @@ def summarize(run_dir: Path, target: float = DEFAULT_TARGET) -> RunSummary:
         max_epsilon=max(eps) if eps else None,
         wall_seconds=float(sum(r.get("wall_seconds", 0.0) for r in rounds)),
         strategy_metrics=final_strategy_metrics(rounds),
+        task_metrics=final_strategy_metrics(rounds, "metrics"),
     )
 
 
-def final_strategy_metrics(rounds: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """The scalar strategy metrics of the last round that has any (older folders: none)."""
+def final_strategy_metrics(
+    rounds: Sequence[dict[str, Any]], key: str = "strategy_metrics"
+) -> dict[str, float]:
+    """The scalar metrics under ``key`` (the strategy's, or with ``"metrics"`` the task's) of
+    the last round that has any (older folders: none)."""
     for r in reversed(rounds):
-        metrics = r.get("strategy_metrics") or {}
+        metrics = r.get(key) or {}
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         if scalars:
             return scalars
@@ -161,10 +168,15 @@ class Group:
             return None, None, 0
         return _spread(values)
 
-    def metric_stat(self, key: str) -> tuple[float | None, float | None, int]:
-        """(mean, sample std, count) of one final strategy metric over the runs that have it."""
-        values = [v for r in self.runs if (v := r.strategy_metrics.get(key)) is not None and math.isfinite(v)]
+    def metric_stat(self, key: str, kind: str = "strategy") -> tuple[float | None, float | None, int]:
+        """(mean, sample std, count) of one final strategy (or ``kind="task"``: task) metric
+        over the runs that have it."""
+        values = [v for r in self.runs if (v := _metrics(r, kind).get(key)) is not None and math.isfinite(v)]
         return _spread(values) if values else (None, None, 0)
+
+
+def _metrics(run: RunSummary, kind: str) -> dict[str, float]:
+    return run.task_metrics if kind == "task" else run.strategy_metrics
 
 
 def _spread(values: Sequence[float]) -> tuple[float | None, float | None, int]:
@@ -172,9 +184,9 @@ def _spread(values: Sequence[float]) -> tuple[float | None, float | None, int]:
     return statistics.fmean(values), std, len(values)
 
 
-def strategy_metric_keys(runs: Iterable[RunSummary]) -> list[str]:
-    """Every final strategy metric any run has, sorted."""
-    return sorted({k for r in runs for k in r.strategy_metrics})
+def strategy_metric_keys(runs: Iterable[RunSummary], kind: str = "strategy") -> list[str]:
+    """Every final strategy (or ``kind="task"``: task) metric any run has, sorted."""
+    return sorted({k for r in runs for k in _metrics(r, kind)})
 
 
 def group_runs(runs: Sequence[RunSummary]) -> list[Group]:
@@ -264,17 +276,22 @@ def markdown_table(groups: Sequence[Group], target: float) -> str:
         "",
         *_table(headers, rows),
     ]
-    keys = strategy_metric_keys(r for g in groups for r in g.runs)
-    if keys:
-        metric_rows = []
-        for g in groups:
-            cells = [g.label]
-            for key in keys:
-                mean, std, n = g.metric_stat(key)
-                cells.append("-" if mean is None else f"{mean:.4g}" + (f" ± {std:.2g}" if std else ""))
-            metric_rows.append(cells)
-        lines += ["", "What the strategies returned from aggregation in the final round:", ""]
-        lines += _table(["run", *keys], metric_rows)
+    titles = {
+        "task": "The task's other metrics in the final round:",
+        "strategy": "What the strategies returned from aggregation in the final round:",
+    }
+    for kind, title in titles.items():
+        keys = strategy_metric_keys((r for g in groups for r in g.runs), kind)
+        if keys:
+            metric_rows = []
+            for g in groups:
+                cells = [g.label]
+                for key in keys:
+                    mean, std, n = g.metric_stat(key, kind)
+                    cells.append("-" if mean is None else f"{mean:.4g}" + (f" ± {std:.2g}" if std else ""))
+                metric_rows.append(cells)
+            lines += ["", title, ""]
+            lines += _table(["run", *keys], metric_rows)
     return "\n".join(lines)
 
 
@@ -289,6 +306,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 def _write_group_csv(path: Path, groups: Sequence[Group]) -> None:
     setting_keys = sorted({k for g in groups for k in g.settings})
     metric_keys = strategy_metric_keys(r for g in groups for r in g.runs)
+    task_keys = strategy_metric_keys((r for g in groups for r in g.runs), "task")
     with path.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(
@@ -297,22 +315,34 @@ def _write_group_csv(path: Path, groups: Sequence[Group]) -> None:
                 *setting_keys,
                 "seeds",
                 *(f"{n}_{s}" for n, _, _ in COLUMNS for s in ("mean", "std")),
+                *(f"task.{k}_{s}" for k in task_keys for s in ("mean", "std")),
                 *(f"strategy.{k}_{s}" for k in metric_keys for s in ("mean", "std")),
             ]
         )
         for g in groups:
             stats = [v for n, _, _ in COLUMNS for v in g.stat(n)[:2]]
+            stats += [v for k in task_keys for v in g.metric_stat(k, "task")[:2]]
             stats += [v for k in metric_keys for v in g.metric_stat(k)[:2]]
             w.writerow([g.label, *(g.settings.get(k) for k in setting_keys), len(g.runs), *_cells(stats)])
 
 
 def _write_runs_csv(path: Path, runs: Sequence[RunSummary]) -> None:
     metric_keys = strategy_metric_keys(runs)
+    task_keys = strategy_metric_keys(runs, "task")
     with path.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["run_dir", "seed", *(n for n, _, _ in COLUMNS), *(f"strategy.{k}" for k in metric_keys)])
+        w.writerow(
+            [
+                "run_dir",
+                "seed",
+                *(n for n, _, _ in COLUMNS),
+                *(f"task.{k}" for k in task_keys),
+                *(f"strategy.{k}" for k in metric_keys),
+            ]
+        )
         for r in runs:
-            values = [getattr(r, n) for n, _, _ in COLUMNS] + [r.strategy_metrics.get(k) for k in metric_keys]
+            values = [getattr(r, n) for n, _, _ in COLUMNS] + [r.task_metrics.get(k) for k in task_keys]
+            values += [r.strategy_metrics.get(k) for k in metric_keys]
             w.writerow([str(r.run_dir), r.seed, *_cells(values)])
 
 

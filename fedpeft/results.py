@@ -104,6 +104,7 @@ ROUNDS_CSV_COLUMNS: tuple[str, ...] = (
     "max_epsilon",
     "central_epsilon",
     "codec_alpha",
+    "metrics",  # the task's metrics besides accuracy (perplexity, exact match, ...): a JSON object
     "strategy_metrics",  # a JSON object per row
 )
 
@@ -157,6 +158,9 @@ class RoundRecord:
     central_epsilon: float | None = None
     # The step scale the server chose on its validation split (codec.alpha-search), or None.
     codec_alpha: float | None = None
+    # The task's other metrics on the server's test split (a causal LM's perplexity,
+    # token accuracy and exact match; none for classification, whose figure is accuracy).
+    metrics: dict[str, float] = field(default_factory=dict)
     # What the strategy stack returned from aggregation this round ("train.<key>" from
     # aggregate_train, "evaluate.<key>" from aggregate_evaluate), a user's strategy included.
     strategy_metrics: dict[str, Any] = field(default_factory=dict)
@@ -254,11 +258,26 @@ def format_round_line(rec: RoundRecord, num_rounds: int) -> str:
     """
     width = max(2, len(str(num_rounds)))
     return (
-        f"round {rec.round:>{width}}/{num_rounds} | acc {rec.accuracy:.4f} | "
+        f"round {rec.round:>{width}}/{num_rounds} | {_headline(rec)} | "
         f"loss {rec.loss:.4f} | up {human_bytes(rec.bytes_up)} | "
         f"down {human_bytes(rec.bytes_down)} | "
         f"{rec.num_replied} ok {rec.num_failed} failed | {rec.wall_seconds:.1f} s"
     )
+
+
+# How the progress line names a task's metrics, in the order shown.
+_SHOWN = {"perplexity": "ppl", "exact_match": "em"}
+
+
+def _headline(rec: RoundRecord) -> str:
+    """``acc 0.8123`` for classification; a causal LM's perplexity and exact match
+    (``ppl 12.34 | em 0.5625``, its accuracy being that exact match)."""
+    shown = [
+        f"{short} {rec.metrics[name]:.4g}" if name == "perplexity" else f"{short} {rec.metrics[name]:.4f}"
+        for name, short in _SHOWN.items()
+        if name in rec.metrics
+    ]
+    return " | ".join(shown) if shown else f"acc {rec.accuracy:.4f}"
 
 
 def read_rounds(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -23,11 +23,17 @@ from fedpeft.tasks.base import Batch, Examples, Task
 
 @dataclass(frozen=True)
 class Encoded:
-    """A tokenized dataset, padded to its own longest row (batches trim further)."""
+    """A tokenized dataset, right-padded to its own longest row (batches trim further)."""
 
     input_ids: torch.Tensor  # [N, L] int64
-    attention_mask: torch.Tensor  # [N, L] int64
-    labels: torch.Tensor  # [N] int64
+    attention_mask: torch.Tensor  # [N, L] int64: 1 on real tokens
+    # [N] int64 class labels, or [N, L] token targets (-100 where no loss is taken).
+    labels: torch.Tensor
+    # [N, L] positions restarting at 0 for each example packed into a row (see
+    # ``lm.packing``); None when every row is one example.  Given instead of the mask, so
+    # ``transformers`` builds block-diagonal causal masks: packed examples never attend
+    # to each other.
+    position_ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -38,11 +44,13 @@ class Encoded:
             sel = order[start : start + batch_size]
             mask = self.attention_mask[sel]
             width = int(mask.sum(dim=1).max())
-            inputs = {
-                "input_ids": self.input_ids[sel, :width].to(device),
-                "attention_mask": mask[:, :width].to(device),
-            }
-            yield inputs, self.labels[sel].to(device)
+            inputs = {"input_ids": self.input_ids[sel, :width].to(device)}
+            if self.position_ids is None:
+                inputs["attention_mask"] = mask[:, :width].to(device)
+            else:
+                inputs["position_ids"] = self.position_ids[sel, :width].to(device)
+            labels = self.labels[sel]
+            yield inputs, (labels[:, :width] if labels.dim() == 2 else labels).to(device)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,25 @@ TINY: dict[str, bool | int | float | str] = {
     "train.learning-rate": 0.003,
 }
 
+# The same for the causal-LM task: the packaged SmolLM2-135M-Instruct, BBC News as a
+# question, plain prompts (the chat template's system turn alone is ~30 tokens), 48 tokens.
+TINY_LLM: dict[str, bool | int | float | str] = TINY | {
+    "task.name": "causal-lm",
+    "model.name": "smollm2-135m",
+    "model.max-length": 48,
+    "lm.chat-template": False,
+    "lm.generate-examples": 4,
+    "lm.max-new-tokens": 4,
+    "data.max-test-examples": 16,
+    "train.batch-size": 4,
+    "train.max-steps": 2,
+}
+
+
+def tiny_for(model_kind: str) -> dict[str, bool | int | float | str]:
+    """The tiny overrides for a task whose model is ``model_kind``."""
+    return TINY_LLM if model_kind == "causal-lm" else TINY
+
 
 @pytest.fixture
 def tiny_overrides(tmp_path) -> dict[str, bool | int | float | str]:

@@ -22,9 +22,10 @@ from fedpeft.codecs.flower import codec_client_mod
 from fedpeft.config import ConfigValue, RunConfig
 from fedpeft.crash import crash_point
 from fedpeft.faults import failure_mod
-from fedpeft.models import FedModel, get_model, model_cache_info
+from fedpeft.models import FedModel, model_cache_info
 from fedpeft.runtime import derive_seed, quiet_libraries
 from fedpeft.tasks import Evaluation, Examples, get_task
+from fedpeft.tasks.model import task_model
 from fedpeft.training import Encoded, train_local
 from fedpeft.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, from_record, to_record
 
@@ -43,7 +44,7 @@ def _setup(context: Context) -> tuple[RunConfig, int, int, FedModel, Examples]:
     pid = int(context.node_config["partition-id"])
     num = int(context.node_config["num-partitions"])
     task = get_task(cfg)
-    model = get_model(cfg.for_partition(pid), task.num_outputs(cfg))
+    model = task_model(cfg.for_partition(pid), task)
     return cfg, pid, num, model, task.client_train_set(cfg, pid, num)
 
 
@@ -68,7 +69,7 @@ def describe(msg: Message, context: Context) -> Message:
     pid = int(context.node_config["partition-id"])
     num = int(context.node_config["num-partitions"])
     task = get_task(cfg)
-    model = get_model(cfg.for_partition(pid), task.num_outputs(cfg))
+    model = task_model(cfg.for_partition(pid), task)
     num_examples = task.client_train_size(cfg, pid, num)
     metrics = MetricRecord(
         {
@@ -90,7 +91,7 @@ def _initial_state(context: Context) -> dict[str, np.ndarray]:
     """The exchanged tensors as this node builds them from the run seed (the codec's round 1)."""
     cfg = _config(frozenset(context.run_config.items()))
     pid = int(context.node_config["partition-id"])
-    return get_model(cfg.for_partition(pid), get_task(cfg).num_outputs(cfg)).initial_state
+    return task_model(cfg.for_partition(pid), get_task(cfg)).initial_state
 
 
 codec_mod = codec_client_mod(

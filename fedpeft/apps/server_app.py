@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpeft.checkpoint import CLIENT_STATE_DIR, Checkpoint, prepare_resume, rng_state, set_rng_state
 from fedpeft.config import RunConfig
-from fedpeft.models import FedModel, get_model
+from fedpeft.models import FedModel
 from fedpeft.results import ResultsWriter, run_dir_for, save_adapter
 from fedpeft.runtime import quiet_libraries, seed_everything
 from fedpeft.server.discovery import discover_clients
@@ -29,7 +29,8 @@ from fedpeft.server.meter import MeteredGrid
 from fedpeft.server.recorder import RoundRecorder
 from fedpeft.server.resume import RoundOffset, remap_nodes
 from fedpeft.server.stack import ServerState
-from fedpeft.tasks import get_task
+from fedpeft.tasks import Evaluation, get_task
+from fedpeft.tasks.model import task_model
 from fedpeft.wire import from_record, to_record
 
 app = ServerApp()
@@ -48,7 +49,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     t0 = time.perf_counter()
     task = get_task(cfg)
     labels = task.label_names(cfg)
-    model = get_model(cfg.for_server(), task.num_outputs(cfg))
+    model = task_model(cfg.for_server(), task)
     test_set = task.server_test_set(cfg)
     run_dir = run_dir_for(cfg)
     ckpt = Checkpoint.load(run_dir) if cfg.resume else None
@@ -56,10 +57,9 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     done = ckpt.round if ckpt else 0
     writer = open_results(run_dir, cfg, done if ckpt else None)
 
-    def evaluate_global(arrays: ArrayRecord) -> tuple[float, float]:
+    def evaluate_global(arrays: ArrayRecord) -> Evaluation:
         model.load_exchange_state(from_record(arrays))
-        result = task.evaluate(model, test_set, cfg.train.eval_batch_size)
-        return result.loss, result.metrics["accuracy"]
+        return task.evaluate(model, test_set, cfg.train.eval_batch_size)
 
     metered = MeteredGrid(grid)
     partition_of: dict[int, int] = {}

@@ -15,7 +15,11 @@ A thin, seeded layer over flwr-datasets' partitioners
 * ``shard`` -- ``ShardPartitioner``: the data is sorted by label, cut into
   equal shards and each client gets ``data.shards-per-client`` random shards (the
   FedAvg paper's MNIST split).  Shards are ``floor(n / (clients * shards))`` rows, so
-  up to ``clients * shards - 1`` rows are left unassigned.
+  up to ``clients * shards - 1`` rows are left unassigned;
+* ``natural`` -- ``NaturalIdPartitioner``: one client per distinct value of
+  ``data.partition-column`` (a user id in a local file, say, or ``label`` for one class
+  per client), the way real federated data comes; ``num-clients`` must equal the number
+  of distinct values in the training split.
 
 flwr-datasets computes every partition on the first ``load_partition`` call, so the
 partitioner is cached per process and per-client look-ups are cheap.
@@ -34,6 +38,7 @@ import numpy as np
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
+    NaturalIdPartitioner,
     Partitioner,
     PathologicalPartitioner,
     ShardPartitioner,
@@ -116,12 +121,38 @@ def _shard(cfg: DataConfig, num_partitions: int, seed: int) -> Partitioner:
     return _by_label(ShardPartitioner, num_partitions, seed, num_shards_per_partition=cfg.shards_per_client)
 
 
+class GroupedNaturalIdPartitioner(NaturalIdPartitioner):
+    """flwr-datasets' ``NaturalIdPartitioner``, its row grouping done in one NumPy pass.
+
+    Upstream walks the rows in Python under a tqdm progress bar, which every client
+    process would print; the partitions (sorted natural ids -> their rows in order)
+    are the same.
+    """
+
+    def _create_partition_id_to_indices(self) -> None:
+        ids = np.asarray(
+            self.dataset.with_format("arrow", columns=[self._partition_by])[:][self._partition_by]
+        )
+        order = np.argsort(ids, kind="stable")
+        values, starts = np.unique(ids[order], return_index=True)
+        groups = np.split(order, starts[1:])
+        self._partition_id_to_indices = {
+            self._natural_id_to_partition_id[value.item() if isinstance(value, np.generic) else value]: rows
+            for value, rows in zip(values, groups, strict=True)
+        }
+
+
+def _natural(cfg: DataConfig, num_partitions: int, seed: int) -> Partitioner:
+    return GroupedNaturalIdPartitioner(partition_by=cfg.partition_column)
+
+
 #: ``data.partitioner`` name -> builder ``(cfg, num_partitions, seed) -> Partitioner``.
 PARTITIONERS: dict[str, PartitionerBuilder] = {
     "iid": _iid,
     "dirichlet": _dirichlet,
     "pathological": _pathological,
     "shard": _shard,
+    "natural": _natural,
 }
 
 # The config key whose value most likely made a partitioner fail.
@@ -129,6 +160,7 @@ _HINT_KEY = {
     "dirichlet": "data.alpha",
     "pathological": "data.classes-per-client",
     "shard": "data.shards-per-client",
+    "natural": "data.partition-column",
 }
 
 
@@ -174,6 +206,7 @@ def _partitioner_for(train: datasets.Dataset, cfg: DataConfig, num_partitions: i
         cfg.alpha,
         cfg.classes_per_client,
         cfg.shards_per_client,
+        cfg.partition_column,
         num_partitions,
         seed,
     )
@@ -195,6 +228,8 @@ def _partitioner_for(train: datasets.Dataset, cfg: DataConfig, num_partitions: i
         if min_size is not None and isinstance(partitioner, DirichletPartitioner):
             partitioner._min_partition_size = min_size
         partitioner.dataset = train
+        if isinstance(partitioner, NaturalIdPartitioner):
+            _check_natural(partitioner, cfg, num_partitions)
         try:
             with warnings.catch_warnings():
                 # flwr-datasets warns on every Dirichlet resampling; the final
@@ -218,6 +253,22 @@ def _partitioner_for(train: datasets.Dataset, cfg: DataConfig, num_partitions: i
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
     return partitioner
+
+
+def _check_natural(partitioner: NaturalIdPartitioner, cfg: DataConfig, num_partitions: int) -> None:
+    """A natural partition has one client per distinct id: that count must be num-clients."""
+    if cfg.partition_column not in partitioner.dataset.column_names:
+        raise ConfigError(
+            f"config key 'data.partition-column': no column {cfg.partition_column!r} "
+            f"(columns: {', '.join(partitioner.dataset.column_names)})"
+        )
+    found = partitioner.num_partitions
+    if found != num_partitions:
+        raise ConfigError(
+            f"config key 'num-clients' ({num_partitions}) must equal the number of distinct values of "
+            f"data.partition-column {cfg.partition_column!r} in the training split ({found}) "
+            "when data.partitioner = 'natural'"
+        )
 
 
 def load_partition(

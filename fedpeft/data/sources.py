@@ -1,8 +1,10 @@
 """Text-classification data sources and the server's held-out test split.
 
-Every source ends up as a :class:`TextDataset`: a ``datasets.Dataset`` with exactly
-two columns, ``text`` (string) and ``label`` (a ``datasets.ClassLabel``, stored as
-int64 ``0..K-1``), plus the class names.  The rest of fedpeft (tokenization,
+Every source ends up as a :class:`TextDataset`: a ``datasets.Dataset`` with a ``label``
+column (a ``datasets.ClassLabel``, stored as int64 ``0..K-1``) and the task's text
+columns -- ``text`` here; ``prompt`` and ``response`` for instruction data
+(:mod:`fedpeft.data.instructions`) -- plus, for natural partitions, the column that
+names each example's client.  The rest of fedpeft (tokenization,
 partitioning with flwr-datasets, evaluation) only ever sees that shape.
 
 Where the data comes from (:func:`load_source`, dispatching on ``data.dataset``):
@@ -27,13 +29,14 @@ import functools
 import importlib.resources
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 from datasets.fingerprint import Hasher
 from datasets.table import InMemoryTable
 
@@ -52,7 +55,10 @@ __all__ = [
     "load_source",
     "load_wordnet_nouns",
     "make_text_dataset",
+    "read_frame",
+    "select_rows",
     "split_train_test",
+    "wordnet_synsets",
 ]
 
 #: File suffixes read as local files (anything else is tried on the hub).
@@ -85,8 +91,10 @@ class DataSourceUnavailable(ConfigError):
 class TextDataset:
     """A labelled text corpus in the one shape fedpeft uses.
 
-    ``dataset`` has exactly the columns ``text`` (str) and ``label`` (a
-    ``datasets.ClassLabel`` named by ``label_names``, int64 ``0..K-1``).  The label is
+    ``dataset`` has the column ``label`` (a ``datasets.ClassLabel`` named by
+    ``label_names``, int64 ``0..K-1``) and the task's text columns (``text`` for
+    classification; ``prompt``, ``response`` for instructions), plus the natural
+    partition column when one is used.  The label is
     a ``ClassLabel`` so that flwr-datasets' label-based partitioners and
     ``datasets``' own stratified utilities can use it directly.
     """
@@ -104,17 +112,26 @@ class TextDataset:
 
 
 def make_text_dataset(
-    texts: Sequence[str], labels: Sequence[int] | np.ndarray, label_names: Sequence[str]
+    texts: Sequence[str],
+    labels: Sequence[int] | np.ndarray,
+    label_names: Sequence[str],
+    extra: Mapping[str, Sequence[Any]] | None = None,
 ) -> TextDataset:
-    """Build a :class:`TextDataset` from parallel lists (labels already ``0..K-1``)."""
+    """Build a :class:`TextDataset` from parallel lists (labels already ``0..K-1``);
+    ``extra`` adds columns (the one naming each example's client, for natural partitions)."""
     names = tuple(str(n) for n in label_names)
-    features = datasets.Features(
-        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(names))}
-    )
-    ds = datasets.Dataset.from_dict(
-        {"text": list(texts), "label": np.asarray(labels, dtype=np.int64).tolist()},
-        features=features,
-    )
+    columns: dict[str, list[Any]] = {
+        "text": list(texts),
+        "label": np.asarray(labels, dtype=np.int64).tolist(),
+    }
+    types: dict[str, Any] = {
+        "text": datasets.Value("string"),
+        "label": datasets.ClassLabel(names=list(names)),
+    }
+    for name, values in (extra or {}).items():
+        columns[name] = [str(v) for v in values]  # ids as strings: one type whatever the file held
+        types[name] = datasets.Value("string")
+    ds = datasets.Dataset.from_dict(columns, features=datasets.Features(types))
     return TextDataset(dataset=ds, label_names=names)
 
 
@@ -195,25 +212,31 @@ def _wordnet_candidates() -> list[Path]:
     return paths
 
 
-def load_wordnet_nouns() -> TextDataset:
-    """WordNet 3.0 noun synsets labelled by lexicographer file (26 supersenses).
+@dataclass(frozen=True)
+class Synset:
+    """One WordNet noun synset: its lexicographer file number, its words and its gloss."""
+
+    lexnum: int
+    words: tuple[str, ...]
+    gloss: str
+
+
+def wordnet_synsets() -> list[Synset]:
+    """Every noun synset of WordNet 3.0, in file order (see ``wndb(5WN)`` for the format).
 
     Reads ``$WNHOME/dict/data.noun`` if set, else ``/usr/share/wordnet/data.noun``
-    (Debian/Ubuntu package ``wordnet-base``).  Each synset becomes one example,
-    ``"<word>, <word>, ...: <gloss>"``, labelled with its lexicographer file
-    (``noun.animal``, ``noun.food``, ...), see ``wndb(5WN)`` for the line format.
+    (Debian/Ubuntu package ``wordnet-base``).
     """
     candidates = _wordnet_candidates()
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         looked = ", ".join(str(p) for p in candidates)
         raise DataSourceUnavailable(
-            f"data source 'wordnet-nouns' needs the WordNet database, not found at {looked}. "
+            f"WordNet data sources need the WordNet database, not found at {looked}. "
             "Install it with `sudo apt-get install wordnet-base` (Debian/Ubuntu), or point "
             "$WNHOME at a WordNet 3.0 installation (with dict/data.noun)."
         )
-    texts: list[str] = []
-    lexnums: list[int] = []
+    synsets: list[Synset] = []
     with path.open(encoding="utf-8", errors="replace") as fh:
         for line in fh:
             if line.startswith("  ") or not line.strip():
@@ -221,13 +244,29 @@ def load_wordnet_nouns() -> TextDataset:
             head, _, gloss = line.partition("|")
             fields = head.split()
             count = int(fields[3], 16)
-            words = [fields[4 + 2 * i].replace("_", " ") for i in range(count)]
-            texts.append(f"{', '.join(words)}: {gloss.strip()}")
-            lexnums.append(int(fields[1]))
+            words = tuple(fields[4 + 2 * i].replace("_", " ") for i in range(count))
+            synsets.append(Synset(int(fields[1]), words, gloss.strip()))
+    return synsets
+
+
+def wordnet_label_names(lexnums: Sequence[int]) -> tuple[dict[int, int], list[str]]:
+    """(lexicographer file number -> label 0..K-1, label names) over the numbers present."""
     present = sorted(set(lexnums))
-    remap = {n: i for i, n in enumerate(present)}
-    names = [WORDNET_NOUN_LEXNAMES.get(n, f"lexfile.{n:02d}") for n in present]
-    return make_text_dataset(texts, [remap[n] for n in lexnums], names)
+    return {n: i for i, n in enumerate(present)}, [
+        WORDNET_NOUN_LEXNAMES.get(n, f"lexfile.{n:02d}") for n in present
+    ]
+
+
+def load_wordnet_nouns() -> TextDataset:
+    """WordNet 3.0 noun synsets labelled by lexicographer file (26 supersenses).
+
+    Each synset becomes one example, ``"<word>, <word>, ...: <gloss>"``, labelled with
+    its lexicographer file (``noun.animal``, ``noun.food``, ...).
+    """
+    synsets = wordnet_synsets()
+    remap, names = wordnet_label_names([s.lexnum for s in synsets])
+    texts = [f"{', '.join(s.words)}: {s.gloss}" for s in synsets]
+    return make_text_dataset(texts, [remap[s.lexnum] for s in synsets], names)
 
 
 #: Built-in sources: ``data.dataset`` name -> loader of the full corpus.
@@ -256,6 +295,7 @@ def _from_columns(
     texts: Sequence[Any],
     labels: Sequence[Any],
     class_names: Sequence[str] | None,
+    extra: Mapping[str, Sequence[Any]] | None = None,
 ) -> TextDataset:
     """Normalise raw text/label columns: drop missing labels, map labels to 0..K-1.
 
@@ -276,10 +316,12 @@ def _from_columns(
     else:
         names = [str(v.item() if isinstance(v, np.generic) else v) for v in values]
     text = ["" if _is_missing(texts[i]) else str(texts[i]) for i in keep]
-    return make_text_dataset(text, [index[v] for v in raw], names)
+    kept_extra = {name: [values[i] for i in keep] for name, values in (extra or {}).items()}
+    return make_text_dataset(text, [index[v] for v in raw], names, kept_extra)
 
 
-def _read_local(path: Path, cfg: DataConfig) -> TextDataset:
+def read_frame(path: Path) -> Any:
+    """A local ``.csv`` / ``.jsonl`` / ``.json`` / ``.parquet`` file as a pandas frame."""
     import pandas as pd
 
     suffix = path.suffix.lower()
@@ -297,10 +339,24 @@ def _read_local(path: Path, cfg: DataConfig) -> TextDataset:
             frame = pd.read_parquet(path)
     except Exception as e:
         raise ConfigError(f"config key 'data.dataset': cannot read {path}: {e}") from e
+    return frame
+
+
+def check_partition_column(cfg: DataConfig, present: Sequence[str], source: str) -> list[str]:
+    """The columns to keep for natural partitioning (none unless it is on)."""
+    if cfg.partitioner != "natural" or cfg.partition_column == "label":
+        return []
+    _check_column("data.partition-column", cfg.partition_column, present, source)
+    return [cfg.partition_column]
+
+
+def _read_local(path: Path, cfg: DataConfig) -> TextDataset:
+    frame = read_frame(path)
     present = [str(c) for c in frame.columns]
     _check_column("data.text-column", cfg.text_column, present, str(path))
     _check_column("data.label-column", cfg.label_column, present, str(path))
-    return _from_columns(frame[cfg.text_column].tolist(), frame[cfg.label_column].tolist(), None)
+    extra = {c: frame[c].tolist() for c in check_partition_column(cfg, present, str(path))}
+    return _from_columns(frame[cfg.text_column].tolist(), frame[cfg.label_column].tolist(), None, extra)
 
 
 def _load_hub(name: str, cfg: DataConfig) -> TextDataset:
@@ -320,13 +376,33 @@ def _load_hub(name: str, cfg: DataConfig) -> TextDataset:
     _check_column("data.label-column", cfg.label_column, present, source)
     feature = ds.features[cfg.label_column]
     names = feature.names if isinstance(feature, datasets.ClassLabel) else None
-    return _from_columns(list(ds[cfg.text_column]), list(ds[cfg.label_column]), names)
+    extra = {c: column_values(ds, c) for c in check_partition_column(cfg, present, source)}
+    return _from_columns(
+        column_values(ds, cfg.text_column), column_values(ds, cfg.label_column), names, extra
+    )
 
 
 # ----------------------------------------------------------- post-processing
 
 
-def _keep_top_classes(ds: TextDataset, num_classes: int) -> TextDataset:
+def select_rows(
+    ds: TextDataset, rows: np.ndarray, labels: np.ndarray | None = None, names: Sequence[str] | None = None
+) -> TextDataset:
+    """Rows ``rows`` of ``ds``, every column kept; optionally relabelled (``labels``, one per
+    row, ``0..K-1``, named by ``names``)."""
+    base = ds.dataset if ds.dataset._indices is None else ds.dataset.flatten_indices()
+    table = base.data.table.take(pa.array(np.asarray(rows, dtype=np.int64))).combine_chunks()
+    names = tuple(ds.label_names if names is None else names)
+    if labels is not None:
+        index = table.schema.get_field_index("label")
+        table = table.set_column(index, "label", pa.array(np.asarray(labels, dtype=np.int64)))
+    features = ds.dataset.features.copy()
+    features["label"] = datasets.ClassLabel(names=list(names))
+    out = datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features))
+    return TextDataset(dataset=out, label_names=names)
+
+
+def keep_top_classes(ds: TextDataset, num_classes: int) -> TextDataset:
     """Keep the ``num_classes`` most frequent classes (ties: lower label id first).
 
     The kept classes are relabelled ``0..N-1`` in their original label order.
@@ -345,19 +421,16 @@ def _keep_top_classes(ds: TextDataset, num_classes: int) -> TextDataset:
     remap = np.full(ds.num_classes, -1, dtype=np.int64)
     remap[kept] = np.arange(num_classes)
     rows = np.nonzero(remap[labels] >= 0)[0]
-    texts = column_values(ds.dataset, "text")
-    return make_text_dataset([texts[i] for i in rows], remap[labels[rows]], [ds.label_names[c] for c in kept])
+    return select_rows(ds, rows, remap[labels[rows]], [ds.label_names[c] for c in kept])
 
 
-def _subsample(ds: TextDataset, max_examples: int, seed: int) -> TextDataset:
+def subsample(ds: TextDataset, max_examples: int, seed: int) -> TextDataset:
     """A seeded uniform subsample of ``max_examples`` rows (source order kept)."""
     if max_examples <= 0 or max_examples >= len(ds):
         return ds
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(ds), size=max_examples, replace=False))
-    texts = column_values(ds.dataset, "text")
-    labels = label_array(ds.dataset)
-    return make_text_dataset([texts[i] for i in rows], labels[rows], ds.label_names)
+    return select_rows(ds, rows)
 
 
 def _looks_like_file(name: str) -> bool:
@@ -365,10 +438,8 @@ def _looks_like_file(name: str) -> bool:
 
 
 @functools.lru_cache(maxsize=8)
-def _load_cached(
-    name: str, text_column: str, label_column: str, num_classes: int, max_examples: int, seed: int
-) -> TextDataset:
-    cfg = DataConfig(dataset=name, text_column=text_column, label_column=label_column)
+def _load_cached(cfg: DataConfig, seed: int) -> TextDataset:
+    name = cfg.dataset
     if name in SOURCES:
         ds = SOURCES[name]()
     elif _looks_like_file(name):
@@ -381,8 +452,8 @@ def _load_cached(
         ds = _read_local(path, cfg)
     else:
         ds = _load_hub(name, cfg)
-    ds = _keep_top_classes(ds, num_classes)
-    return _subsample(ds, max_examples, seed)
+    ds = keep_top_classes(ds, cfg.num_classes)
+    return subsample(ds, cfg.max_examples, seed)
 
 
 def load_source(cfg: DataConfig, seed: int) -> TextDataset:
@@ -390,11 +461,24 @@ def load_source(cfg: DataConfig, seed: int) -> TextDataset:
     ``max_examples`` (seeded with ``seed``).
 
     Cached per process on the fields that matter (dataset, columns, num_classes,
-    max_examples, seed), so every simulated client in one worker shares one copy.
-    A local file edited during a process is not re-read; see :func:`clear_source_cache`.
+    max_examples, the partition column, seed), so every simulated client in one worker
+    shares one copy.  A local file edited during a process is not re-read; see
+    :func:`clear_source_cache`.
     """
-    return _load_cached(
-        cfg.dataset, cfg.text_column, cfg.label_column, cfg.num_classes, cfg.max_examples, seed
+    return _load_cached(source_key(cfg), seed)
+
+
+def source_key(cfg: DataConfig) -> DataConfig:
+    """``cfg`` with only the fields that change what a source loads (the cache key)."""
+    natural = cfg.partitioner == "natural"
+    return DataConfig(
+        dataset=cfg.dataset,
+        text_column=cfg.text_column,
+        label_column=cfg.label_column,
+        num_classes=cfg.num_classes,
+        max_examples=cfg.max_examples,
+        partitioner="natural" if natural else "iid",
+        partition_column=cfg.partition_column if natural else "",
     )
 
 

@@ -22,14 +22,21 @@ from safetensors.numpy import load_file, save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from fedpeft.config import RunConfig
-from fedpeft.models.backbone import load_classifier, load_tokenizer, resolve_model_path
+from fedpeft.config import ConfigError, RunConfig
+from fedpeft.models.backbone import (
+    MODEL_KINDS,
+    backbone_dtype,
+    load_pretrained,
+    load_tokenizer,
+    resolve_model_path,
+)
 from fedpeft.models.lora_layout import LoraLayout
 from fedpeft.models.methods import METHODS, canonical_name, get_method, register_method
 from fedpeft.runtime import resolve_device
 
 __all__ = [
     "METHODS",
+    "MODEL_KINDS",
     "ExchangeError",
     "FedModel",
     "build_model",
@@ -57,6 +64,8 @@ class FedModel:
     tokenizer: PreTrainedTokenizerBase
     method: str
     device: torch.device
+    # What the backbone was loaded as (``MODEL_KINDS``): the learning task's model.
+    kind: str
     # canonical name -> the live parameter (sorted by name); exactly what trains and travels
     params: dict[str, nn.Parameter]
     # The exchanged tensors as built (seeded init): where every run starts, even when a
@@ -140,7 +149,8 @@ class FedModel:
 
         A peft adapter loads back with ``PeftModel.from_pretrained(base, path)`` where
         ``base`` is ``AutoModelForSequenceClassification.from_pretrained(<model>,
-        num_labels=<K>)``.  Next to it: the exchanged tensors (``exchanged.safetensors``)
+        num_labels=<K>)`` (a causal LM: ``AutoModelForCausalLM.from_pretrained(<model>)``,
+        ``<model>`` from :func:`resolve_model_path`).  Next to it: the exchanged tensors (``exchanged.safetensors``)
         and, given ``cfg``, the run config that rebuilds the model (:func:`load_saved`).
         """
         path = Path(path)
@@ -151,6 +161,7 @@ class FedModel:
         config: Any = getattr(self.module, "config", None)
         meta = {
             "method": self.method,
+            "kind": self.kind,
             "label_names": list(label_names),
             "num_labels": int(config.num_labels) if config is not None else len(label_names),
             "exchanged": list(self.params),
@@ -160,15 +171,37 @@ class FedModel:
         return path
 
 
-def build_model(cfg: RunConfig, num_labels: int, device: str | None = None) -> FedModel:
-    """Load the backbone, apply ``cfg.peft.method`` and freeze everything else."""
+def build_model(
+    cfg: RunConfig, num_labels: int, device: str | None = None, kind: str = "sequence-classification"
+) -> FedModel:
+    """Load the backbone as ``kind`` (the task's model), apply ``cfg.peft.method`` and
+    freeze everything else.
+
+    The frozen backbone is in ``model.dtype``.  peft's adapters and the bottleneck
+    adapters train in float32 whatever that dtype, so a bfloat16 backbone never rounds
+    their updates away; ``bitfit`` and ``full`` train the backbone's own tensors, in its dtype.
+    """
     method = get_method(cfg.peft.method)
-    base = load_classifier(cfg.model.name, num_labels, seed=cfg.seed)
+    dev = resolve_device(device or cfg.device)
+    base = load_pretrained(
+        cfg.model.name, kind, num_labels, seed=cfg.seed, dtype=backbone_dtype(cfg.model.dtype, dev)
+    )
     for p in base.parameters():
         p.requires_grad_(False)
+    if kind == "causal-lm":
+        # Training and scoring never reuse keys and values (generate() turns the cache on
+        # itself); without a cache, packed rows get their block-diagonal masks.
+        base.config.use_cache = False
+    if cfg.model.gradient_checkpointing:
+        if not base.supports_gradient_checkpointing:
+            raise ConfigError(
+                f"config key 'model.gradient-checkpointing': {type(base).__name__} does not support it"
+            )
+        # Non-reentrant: gradients reach adapters inside checkpointed blocks even though
+        # the frozen embeddings' outputs need none.
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg.seed)  # adapter initialisation
     module = method.apply(base, cfg)
-    dev = resolve_device(device or cfg.device)
     module.to(dev)
     params: dict[str, nn.Parameter] = {}
     for name, p in module.named_parameters():
@@ -177,7 +210,9 @@ def build_model(cfg: RunConfig, num_labels: int, device: str | None = None) -> F
             if key in params:
                 raise ExchangeError(f"two trainable parameters share the exchanged name {key!r}")
             params[key] = p
-    model = FedModel(module, load_tokenizer(cfg.model.name), method.name, dev, dict(sorted(params.items())))
+    model = FedModel(
+        module, load_tokenizer(cfg.model.name), method.name, dev, kind, dict(sorted(params.items()))
+    )
     model.initial_state = model.exchange_state()
     model.lora = LoraLayout.of(module)
     return model
@@ -185,8 +220,8 @@ def build_model(cfg: RunConfig, num_labels: int, device: str | None = None) -> F
 
 # A few entries: a worker that serves clients of different LoRA ranks keeps one model per rank.
 @functools.lru_cache(maxsize=4)
-def _cached(cfg_key: RunConfig, num_labels: int, device: str) -> FedModel:
-    return build_model(cfg_key, num_labels, device)
+def _cached(cfg_key: RunConfig, num_labels: int, device: str, kind: str) -> FedModel:
+    return build_model(cfg_key, num_labels, device, kind)
 
 
 # RunConfig fields that cannot change the model :func:`build_model` builds (the device
@@ -228,9 +263,9 @@ def _not_model_defaults() -> dict[str, Any]:
     return {name: getattr(default, name) for name in _NOT_MODEL_FIELDS}
 
 
-def get_model(cfg: RunConfig, num_labels: int) -> FedModel:
+def get_model(cfg: RunConfig, num_labels: int, kind: str = "sequence-classification") -> FedModel:
     """The per-process model for ``cfg`` (built on first use, then reused)."""
-    return _cached(model_key(cfg), num_labels, str(resolve_device(cfg.device)))
+    return _cached(model_key(cfg), num_labels, str(resolve_device(cfg.device)), kind)
 
 
 def model_cache_info() -> functools._CacheInfo:
@@ -251,6 +286,6 @@ def load_saved(path: str | Path, device: str = "cpu") -> FedModel:
     cfg = RunConfig.from_run_config(meta["cfg"])
     if cfg.peft.method != meta["method"]:
         raise ExchangeError(f"{path}: method {meta['method']!r} but its run config says {cfg.peft.method!r}")
-    model = build_model(cfg, int(meta["num_labels"]), device)
+    model = build_model(cfg, int(meta["num_labels"]), device, meta.get("kind", "sequence-classification"))
     model.load_exchange_state(load_file(str(path / EXCHANGED_FILE)))
     return model

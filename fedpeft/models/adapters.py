@@ -6,10 +6,12 @@ transformer layer, ``h -> h + up(act(down(h)))`` with a ``bottleneck``-wide ``do
 does until it trains.  ``down`` and ``up`` are plain ``nn.Linear`` layers, which Opacus'
 per-sample-gradient hooks handle as they are.
 
-Where: after the attention output projection (``attention.output.dense``) and/or after
-the feed-forward output projection (the layer's own ``output.dense``), before the dropout,
-residual connection and LayerNorm that follow -- Houlsby's placement, for BERT-style
-encoders (BERT, RoBERTa, MiniLM, ...).
+Where: after the attention output projection and/or after the feed-forward output
+projection, before the dropout, residual connection and normalisation that follow --
+Houlsby's placement.  The projections are found by name, per family (:data:`SITES`):
+BERT-style encoders (BERT, RoBERTa, MiniLM: ``attention.output.dense`` / ``output.dense``)
+and Llama-style decoders (Llama, SmolLM2, Mistral, Qwen, Gemma: ``self_attn.o_proj`` /
+``mlp.down_proj``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.up(self.act(self.down(h)))
+        # Computed in the adapter's own dtype (float32), added back in the backbone's.
+        x = h.to(self.down.weight.dtype)
+        return h + self.up(self.act(self.down(x))).to(h.dtype)
 
 
 class AdaptedLinear(nn.Linear):
@@ -55,14 +59,21 @@ class AdaptedLinear(nn.Linear):
         return self.adapter(super().forward(x))
 
 
+#: (attention output projection, feed-forward output projection) name suffixes, per family.
+SITES: tuple[tuple[str, str], ...] = (
+    (".attention.output.dense", ".output.dense"),  # BERT-style encoders
+    (".self_attn.o_proj", ".mlp.down_proj"),  # Llama-style decoders
+)
+
+
 def _sites(model: nn.Module, placement: str) -> list[str]:
     """Names of the projections that get an adapter, in module order."""
     sites = []
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or isinstance(mod, AdaptedLinear):
             continue
-        attention = name.endswith(".attention.output.dense")
-        ffn = name.endswith(".output.dense") and not attention
+        attention = any(name.endswith(att) for att, _ in SITES)
+        ffn = not attention and any(name.endswith(out) for _, out in SITES)
         if (attention and placement in ("both", "attention")) or (ffn and placement in ("both", "ffn")):
             sites.append(name)
     return sites
@@ -85,13 +96,15 @@ def add_adapters(model: nn.Module, bottleneck: int, placement: str, activation: 
     sites = _sites(model, placement)
     if not sites:
         raise ConfigError(
-            "peft.method 'adapter' needs BERT-style layers ('attention.output.dense' / 'output.dense' "
-            f"projections); this model has none for placement {placement!r}"
+            "peft.method 'adapter' needs BERT-style ('attention.output.dense' / 'output.dense') or "
+            "Llama-style ('self_attn.o_proj' / 'mlp.down_proj') projections; this model has none for "
+            f"placement {placement!r}"
         )
     for name in sites:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base = getattr(parent, attr)
+        # float32 whatever the backbone's dtype: its forward casts in and out.
         adapter = BottleneckAdapter(base.out_features, bottleneck, activation).to(base.weight.device)
         setattr(parent, attr, AdaptedLinear(base, adapter))
     return sites

@@ -20,8 +20,12 @@ one config dataclass per method in :mod:`fedpeft.config`.
 * ``bitfit`` -- BitFit (Ben Zaken et al., 2022): every bias of the backbone.
 * ``head``  -- the classification head alone (linear probing).
 
-Every method trains (and exchanges) the classification head too, under the names
-``classifier.weight`` / ``classifier.bias``.
+Every method trains (and exchanges) the classification head of a sequence classifier
+too, under the names ``classifier.weight`` / ``classifier.bias`` (``score.*`` for
+decoder classifiers).  A causal LM (``task.name = "causal-lm"``) has no head of its own to
+train: its output layer is tied to the token embeddings, so only the method's tensors
+train and travel, and ``head`` (nothing to train) and ``bitfit`` on a bias-free decoder
+such as Llama (nothing to train either) are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import torch
 from peft import (
     IA3Config,
     LoraConfig,
+    PeftModel,
+    PeftModelForCausalLM,
     PeftModelForSequenceClassification,
     PeftType,
     PrefixTuningConfig,
@@ -115,14 +121,32 @@ def canonical_name(param_name: str) -> str:
     return _ADAPTER_SEGMENTS.sub("", _PEFT_WRAPPER.sub("", param_name))
 
 
+def task_type(model: nn.Module) -> TaskType:
+    """peft's task type of ``model``: a causal LM, or a sequence classifier (whose head
+    peft then keeps trainable as ``modules_to_save``)."""
+    can_generate = getattr(model, "can_generate", None)
+    return TaskType.CAUSAL_LM if callable(can_generate) and can_generate() else TaskType.SEQ_CLS
+
+
+def lora_targets(spec: tuple[str, ...]) -> list[str] | str | None:
+    """``lora.target-modules`` as peft takes it: "auto" is None (peft's default for the
+    architecture), "all-linear" is peft's own keyword, else the module names."""
+    if spec == ("auto",):
+        return None
+    if spec == ("all-linear",):
+        return "all-linear"
+    return list(spec)
+
+
 @register_method("lora", "LoRA adapters (HF peft) on the target modules + the head", is_peft_adapter=True)
 def _lora(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
+    """LoRA, Hu et al. (2021), "LoRA: Low-Rank Adaptation of Large Language Models"."""
     lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,  # keeps the classification head trainable (modules_to_save)
+        task_type=task_type(model),
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # peft annotates int; a float scale works
         lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules),
+        target_modules=lora_targets(cfg.lora.target_modules),
     )
     try:
         wrapped = get_peft_model(model, lora)
@@ -144,8 +168,8 @@ def _full(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     return model
 
 
-class PerRowPromptModel(PeftModelForSequenceClassification):
-    """peft's sequence classifier, but the soft prompt is looked up once per example.
+class PerRowPrompt(PeftModel):
+    """A peft prompt-learning model whose soft prompt is looked up once per example.
 
     peft embeds the prompt tokens for one row and repeats the result over the batch, so
     Opacus sees a batch of 1 for the prompt table (one "per-sample" gradient for the whole
@@ -164,6 +188,20 @@ class PerRowPromptModel(PeftModelForSequenceClassification):
         return encoder(tokens.unsqueeze(0).expand(batch_size, -1).contiguous())
 
 
+class PerRowPromptModel(PerRowPrompt, PeftModelForSequenceClassification):
+    """peft's sequence classifier with a per-example prompt lookup."""
+
+
+class PerRowPromptCausalLM(PerRowPrompt, PeftModelForCausalLM):
+    """peft's causal LM with a per-example prompt lookup."""
+
+
+_PER_ROW: dict[type, type] = {
+    PeftModelForSequenceClassification: PerRowPromptModel,
+    PeftModelForCausalLM: PerRowPromptCausalLM,
+}
+
+
 @register_method("prompt", "prompt tuning (HF peft): soft prompt tokens + the head", is_peft_adapter=True)
 def _prompt(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     """Prompt tuning, Lester et al. (2021), "The Power of Scale for Parameter-Efficient Prompt Tuning".
@@ -171,11 +209,12 @@ def _prompt(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     ``prompt.num-virtual-tokens`` trained embeddings are prepended to every input (peft's
     random initialisation, seeded by ``build_model``); the backbone stays frozen.
     """
-    config = PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=cfg.prompt.num_virtual_tokens)
+    config = PromptTuningConfig(task_type=task_type(model), num_virtual_tokens=cfg.prompt.num_virtual_tokens)
     wrapped = get_peft_model(model, config)
-    if type(wrapped) is not PeftModelForSequenceClassification:  # pragma: no cover - peft's SEQ_CLS class
-        raise TypeError(f"peft returned {type(wrapped).__name__} for a SEQ_CLS prompt")
-    wrapped.__class__ = PerRowPromptModel  # adds behaviour only, no state
+    per_row = _PER_ROW.get(type(wrapped))
+    if per_row is None:  # pragma: no cover - peft's classes for these two task types
+        raise TypeError(f"peft returned {type(wrapped).__name__} for a prompt")
+    wrapped.__class__ = per_row  # adds behaviour only, no state
     return wrapped
 
 
@@ -190,7 +229,7 @@ def _prefix(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     trains and travels too).
     """
     config = PrefixTuningConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=task_type(model),
         num_virtual_tokens=cfg.prefix.num_virtual_tokens,
         prefix_projection=cfg.prefix.projection,
     )
@@ -219,7 +258,7 @@ def _ia3(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
             f"config key 'ia3.feedforward-modules' ({','.join(feedforward)}) must be a subset of "
             f"'ia3.target-modules' ({','.join(target)})"
         )
-    config = IA3Config(task_type=TaskType.SEQ_CLS, target_modules=target, feedforward_modules=feedforward)
+    config = IA3Config(task_type=task_type(model), target_modules=target, feedforward_modules=feedforward)
     try:
         return get_peft_model(model, config)
     except ValueError as err:
@@ -249,6 +288,14 @@ def _bitfit(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     """BitFit, Ben Zaken et al. (2022), "BitFit: Simple Parameter-efficient Fine-tuning for
     Transformer-based Masked Language-models": only the bias terms train.
     """
+    biases = [
+        name for name, _ in model.named_parameters() if name.endswith(".bias") and not _is_head(model, name)
+    ]
+    if not biases:
+        raise ConfigError(
+            f"peft.method 'bitfit' trains the backbone's bias terms, and {type(model).__name__} has none "
+            "(Llama-style decoders are bias-free); choose lora, ia3, prompt, prefix or adapter"
+        )
     for name, p in model.named_parameters():
         p.requires_grad_(name.endswith(".bias") or _is_head(model, name))
     return model
@@ -257,6 +304,11 @@ def _bitfit(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
 @register_method("head", "the classification head only (linear probing)", is_peft_adapter=False)
 def _head(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     """Linear probing: the frozen backbone's features, only the classification head trains."""
+    if task_type(model) == TaskType.CAUSAL_LM:
+        raise ConfigError(
+            f"peft.method 'head' trains a classification head, and the causal LM {type(model).__name__} "
+            "has none (its output layer is the tied token embedding); choose lora, ia3, prompt, prefix or adapter"
+        )
     for name, p in model.named_parameters():
         p.requires_grad_(_is_head(model, name))
     return model
@@ -268,6 +320,8 @@ _HEADS = ("classifier", "score")
 
 
 def _is_head(model: nn.Module, param_name: str) -> bool:
+    if task_type(model) == TaskType.CAUSAL_LM:
+        return False  # its output layer is the (tied) token embedding, not a task head
     head = next((h for h in _HEADS if isinstance(getattr(model, h, None), nn.Module)), None)
     if head is None:
         raise ConfigError(

@@ -137,7 +137,8 @@ def _dp_steps(
             if steps >= num_steps:
                 break
             dp_optimizer.zero_grad(set_to_none=True)
-            if labels.numel() == 0:
+            rows = int(labels.shape[0])
+            if rows == 0:
                 # An empty Poisson batch: no forward pass (BERT cannot take one), but the
                 # step still adds noise, as the accounting assumes.
                 for p in params:
@@ -145,13 +146,15 @@ def _dp_steps(
             else:
                 width = int(mask.sum(dim=1).max())
                 ids, mask = ids[:, :width].to(model.device), mask[:, :width].to(model.device)
+                if labels.dim() == 2:  # token targets (a causal LM): trimmed like the inputs
+                    labels = labels[:, :width]
                 logits = dp_module(**_per_example_inputs(ids, mask, accepted)).logits
                 loss = loss_fn(logits, labels.to(model.device))
                 loss.backward()
                 if steps == 0:
-                    _check_grad_samples(model, int(labels.numel()))
+                    _check_grad_samples(model, rows)
                 total += float(loss.detach())
-                seen += int(labels.numel())
+                seen += rows
             if proximal_mu > 0:
                 _proximal_step(dp_optimizer, params, anchor, proximal_mu)
             else:

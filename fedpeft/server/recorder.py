@@ -28,8 +28,9 @@ from fedpeft.results import (
 from fedpeft.runtime import derive_seed
 from fedpeft.server.meter import Exchange, MeteredGrid
 from fedpeft.server.rejections import RejectionLog
+from fedpeft.tasks.base import Evaluation
 
-EvaluateFn = Callable[[ArrayRecord], tuple[float, float]]  # arrays -> (loss, accuracy)
+EvaluateFn = Callable[[ArrayRecord], Evaluation]  # arrays -> the task's loss and metrics
 
 
 class RoundRecorder:
@@ -82,7 +83,8 @@ class RoundRecorder:
             self._t_round = time.perf_counter()
             return None
         server_round += self.offset
-        loss, accuracy = self.evaluate(arrays)
+        result = self.evaluate(arrays)
+        loss, accuracy = result.loss, result.metrics["accuracy"]
         rejected = self.rejections.drain()
         exchanges = self.grid.drain()
         clients = [self._client_record(ex, rejected.pop(ex.node_id, None)) for ex in exchanges]
@@ -98,6 +100,7 @@ class RoundRecorder:
             train_loss=mean_train_loss(clients) if server_round > 0 else None,
             clients=clients,
             wall_seconds=now - self._t_round,
+            metrics={k: float(v) for k, v in result.metrics.items() if k != "accuracy"},
             **(self.figures(server_round) if self.figures else {}),
         )
         self.writer.add_round(record)

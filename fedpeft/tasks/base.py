@@ -52,13 +52,17 @@ class Task(Protocol):
     ``fedpeft.tasks.conformance.check_task`` checks the contract on any implementation.
     """
 
+    #: What the backbone is loaded as (``fedpeft.models.MODEL_KINDS``): "sequence-classification"
+    #: (a K-way head) or "causal-lm" (the LM with its own output layer).
+    model_kind: str
+
     # ------------------------------------------------------------------ data
     def label_names(self, cfg: RunConfig) -> tuple[str, ...]:
         """Names of the model's outputs (saved with the adapter); may be empty."""
         ...
 
     def num_outputs(self, cfg: RunConfig) -> int:
-        """Width of the model's head (the number of classes)."""
+        """Width of the model's head (the number of classes; a causal LM's vocabulary)."""
         ...
 
     def client_train_size(self, cfg: RunConfig, partition_id: int, num_partitions: int) -> int:
@@ -88,5 +92,6 @@ class Task(Protocol):
         ...
 
     def evaluate(self, model: FedModel, data: Examples, batch_size: int) -> Evaluation:
-        """Mean loss and the task's metrics (at least ``accuracy``) of ``model`` on ``data``."""
+        """Mean loss and the task's metrics (at least ``accuracy``, in [0, 1]: the round's
+        headline figure) of ``model`` on ``data``."""
         ...

@@ -1,10 +1,7 @@
 """Sequence classification: one label per text, cross-entropy, accuracy (``task.name =
 "sequence-classification"``, the default).
 
-Which examples each party holds, tokenized once per process: the server keeps a held-out,
-stratified test split for global evaluation (less any validation examples it tunes on);
-the rest is partitioned among the clients with a ``flwr-datasets`` partitioner.  Both
-sides derive the same split from the same seed, so no data ever travels.
+Which examples each party holds (:mod:`fedpeft.tasks.splits`), tokenized once per process.
 """
 
 from __future__ import annotations
@@ -18,16 +15,19 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from fedpeft.config import ConfigError, RunConfig
-from fedpeft.data import TextDataset, load_partition, load_source, partition_stats, split_train_test
+from fedpeft.config import RunConfig
+from fedpeft.data import TextDataset, load_source
 from fedpeft.models import FedModel
 from fedpeft.models.backbone import load_tokenizer
+from fedpeft.tasks import splits
 from fedpeft.tasks.base import Evaluation, Examples
 from fedpeft.training import Encoded, forward_batches
 
 
 class SequenceClassification:
     """The :class:`~fedpeft.tasks.base.Task` of a labelled text corpus (``data.*`` keys)."""
+
+    model_kind = "sequence-classification"
 
     def label_names(self, cfg: RunConfig) -> tuple[str, ...]:
         return source(cfg).label_names
@@ -49,7 +49,7 @@ class SequenceClassification:
 
     def partition_stats(self, cfg: RunConfig) -> list[dict[str, Any]]:
         """Size and label histogram of every client's partition."""
-        return partition_stats(split(cfg)[0], cfg.data, cfg.num_clients, cfg.seed)
+        return splits.client_stats(load_source, cfg)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the batch."""
@@ -70,35 +70,17 @@ class SequenceClassification:
 # ---------------------------------------------------------------------- data, cached per process
 def source(cfg: RunConfig) -> TextDataset:
     """The whole labelled dataset of the run (cached per process by ``load_source``)."""
-    return load_source(cfg.data, cfg.seed)
+    return splits.source(load_source, cfg)
 
 
-@functools.lru_cache(maxsize=2)
 def split(cfg: RunConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(training pool the clients partition, held-out split of the server)."""
-    return split_train_test(source(cfg), cfg.data.test_fraction, cfg.data.max_test_examples, cfg.seed)
+    return splits.split(load_source, cfg)
 
 
-AUTO_VALIDATION_FRACTION, AUTO_VALIDATION_MIN = 0.2, 32
-
-
-@functools.lru_cache(maxsize=2)
 def server_splits(cfg: RunConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(validation, test): ``data.validation-examples`` of the held-out split, chosen by the
-    seed, for what the server tunes; the rest is the test set every figure is measured on."""
-    held_out = split(cfg)[1]
-    n = cfg.data.validation_examples
-    if n == 0 and cfg.server_tunes():
-        n = max(round(AUTO_VALIDATION_FRACTION * len(held_out)), min(AUTO_VALIDATION_MIN, len(held_out) // 2))
-    if n == 0:
-        return held_out.select([]), held_out
-    if n >= len(held_out):
-        raise ConfigError(
-            f"config key 'data.validation-examples' ({n}) must be smaller than the held-out split "
-            f"({len(held_out)} examples)"
-        )
-    order = held_out.shuffle(seed=cfg.seed)
-    return order.select(range(n)), order.select(range(n, len(held_out)))
+    """(validation, test) of the held-out split (:func:`fedpeft.tasks.splits.server_splits`)."""
+    return splits.server_splits(load_source, cfg)
 
 
 @functools.lru_cache(maxsize=2)
@@ -117,13 +99,13 @@ def server_validation_set(cfg: RunConfig) -> Encoded:
 
 def client_train_size(cfg: RunConfig, partition_id: int, num_partitions: int) -> int:
     """How many training examples client ``partition_id`` holds, without tokenizing them."""
-    return load_partition(split(cfg)[0], cfg.data, num_partitions, partition_id, cfg.seed).num_rows
+    return splits.client_partition(load_source, cfg, partition_id, num_partitions).num_rows
 
 
 @functools.lru_cache(maxsize=256)
 def client_train_set(cfg: RunConfig, partition_id: int, num_partitions: int) -> Encoded:
     """Client ``partition_id``'s share of the training split, tokenized (cached per process)."""
-    part = load_partition(split(cfg)[0], cfg.data, num_partitions, partition_id, cfg.seed)
+    part = splits.client_partition(load_source, cfg, partition_id, num_partitions)
     return encode(load_tokenizer(cfg.model.name), part["text"], part["label"], cfg.model.max_length)
 
 

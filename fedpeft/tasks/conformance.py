@@ -50,7 +50,7 @@ def check_task(task: Task, cfg: RunConfig, model: FedModel | None = None, *, bat
         got = len(task.client_train_set(cfg, pid, n))
         _expect(got == size, f"client {pid}: client_train_size says {size}, its set holds {got}")
     _expect(sum(sizes) > 0, "no client holds a training example")
-    model = model or build_model(cfg, outputs)
+    model = model or build_model(cfg, outputs, kind=task.model_kind)
     pid = int(np.argmax(sizes))
     train = task.client_train_set(cfg, pid, n)
     _expect(

@@ -50,7 +50,7 @@ def test_unknown_key_names_it_suggests_and_lists_valid_keys():
     ("key", "value", "needle"),
     [
         ("data.partitioner", "diriclet", "did you mean 'dirichlet'"),
-        ("data.partitioner", "x", "valid: dirichlet, iid, pathological, shard"),
+        ("data.partitioner", "x", "valid: dirichlet, iid, natural, pathological, shard"),
         ("lora.r", 0, "must be >= 1"),
         ("fraction-train", 0.0, "must be > 0.0"),
         ("fraction-train", 1.5, "must be <= 1.0"),

@@ -113,3 +113,21 @@ def test_folders_written_before_strategy_metrics_still_report(tmp_path):
     ]
     (run / "rounds.jsonl").write_text("\n".join(old) + "\n")
     assert summarize(run).strategy_metrics == {}
+
+
+def test_task_metrics_are_reported_next_to_accuracy(tmp_path):
+    """A causal LM's perplexity and exact match: per run, mean ± std per group, their own table."""
+    for seed, ppl in ((0, 4.0), (1, 6.0)):
+        w = ResultsWriter(tmp_path / f"s{seed}")
+        w.write_config({"seed": seed, "run-name": f"s{seed}", "results-dir": "x"})
+        w.add_round(RoundRecord(0, 0.0, 3.0, None, [], wall_seconds=1.0, metrics={"perplexity": 20.0}))
+        rec = RoundRecord(1, 0.8, 1.5, None, [_client(1000, 2000)], 1.0, metrics={"perplexity": ppl})
+        w.add_round(rec)
+    runs = [summarize(p) for p in find_runs([tmp_path])]
+    assert [r.task_metrics for r in runs] == [{"perplexity": 4.0}, {"perplexity": 6.0}]
+    (group,) = group_runs(runs)
+    assert group.metric_stat("perplexity", "task") == (5.0, pytest.approx(math.sqrt(2.0)), 2)
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
+    with (tmp_path / "rep" / "runs.csv").open() as fh:
+        assert [row["task.perplexity"] for row in csv.DictReader(fh)] == ["4.0", "6.0"]
+    assert "The task's other metrics" in (tmp_path / "rep" / "report.md").read_text()

@@ -32,6 +32,15 @@ def _train(n: int = N, k: int = K, sorted_labels: bool = True) -> datasets.Datas
 
 
 TRAIN = _train()
+# A natural id per row (10 "users", interleaved): what the natural partitioner splits by.
+TRAIN_USERS = make_text_dataset(
+    TRAIN["text"],
+    TRAIN["label"],
+    [f"c{c}" for c in range(K)],
+    {"user": [f"u{i % CLIENTS}" for i in range(N)]},
+).dataset
+# Every partitioner but the natural one draws with the seed; natural ids are what they are.
+SEEDED = sorted(set(PARTITIONERS) - {"natural"})
 
 
 def _parts(cfg: DataConfig, seed: int = 0, train: datasets.Dataset = TRAIN, n: int = CLIENTS):
@@ -48,8 +57,12 @@ def _entropy(counts: list[int]) -> float:
 
 @pytest.mark.parametrize("name", sorted(PARTITIONERS))
 def test_disjoint_and_seeded(name: str) -> None:
-    cfg = DataConfig(partitioner=name, alpha=0.5, classes_per_client=2, shards_per_client=2)
-    parts = _parts(cfg, seed=0)
+    column = "user" if name == "natural" else ""
+    cfg = DataConfig(
+        partitioner=name, alpha=0.5, classes_per_client=2, shards_per_client=2, partition_column=column
+    )
+    train = TRAIN_USERS if name == "natural" else TRAIN
+    parts = _parts(cfg, seed=0, train=train)
     texts = [set(p["text"]) for p in parts]
     assert all(texts), "no empty partition"
     assert sum(len(t) for t in texts) == len(set().union(*texts))  # disjoint
@@ -59,11 +72,11 @@ def test_disjoint_and_seeded(name: str) -> None:
     else:
         assert set().union(*texts) == set(TRAIN["text"])  # covers the training set
     clear_partition_cache()
-    again = _parts(cfg, seed=0)
+    again = _parts(cfg, seed=0, train=train)
     assert [p["text"] for p in parts] == [p["text"] for p in again]
 
 
-@pytest.mark.parametrize("name", sorted(PARTITIONERS))
+@pytest.mark.parametrize("name", SEEDED)
 def test_other_seed_differs(name: str) -> None:
     cfg = DataConfig(partitioner=name)
     a = [p["text"] for p in _parts(cfg, seed=0)]

@@ -28,6 +28,8 @@ class FirstClassOrNot:
     """A toy task: the classification data relabelled 1 (first class) / 0 (any other);
     label-smoothed cross-entropy; accuracy and the share of predicted positives."""
 
+    model_kind = "sequence-classification"  # a two-way head on the backbone
+
     def __init__(self) -> None:
         self.loss_calls = 0
         self.evaluations = 0

@@ -1,0 +1,214 @@
+"""Causal-LM instruction tuning with the real packaged SmolLM2-135M-Instruct: formatting,
+the response-only loss, packing, generation, and a federated run through the real apps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedpeft.config import ConfigError, RunConfig, TrainConfig
+from fedpeft.data.instructions import user_prompt
+from fedpeft.models.backbone import load_tokenizer
+from fedpeft.tasks import build_task
+from fedpeft.tasks.causal_lm import (
+    IGNORE,
+    encode_examples,
+    format_examples,
+    generate,
+    normalize,
+)
+from fedpeft.tasks.model import task_model
+from fedpeft.training import train_local
+from tests.conftest import TINY_LLM
+
+TASK = build_task("causal-lm")
+
+
+@pytest.fixture(scope="module")
+def cfg() -> RunConfig:
+    return RunConfig.from_run_config(TINY_LLM)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("smollm2-135m")
+
+
+def test_only_response_tokens_are_targets_and_the_answer_ends_the_turn(cfg):
+    data = TASK.client_train_set(cfg, 0, cfg.num_clients)
+    tokenizer = load_tokenizer(cfg.model.name)
+    row = 0
+    targets = data.labels[row]
+    real = int(data.attention_mask[row].sum())
+    answer = targets[targets != IGNORE]
+    # The response is the last real tokens of the row, and it ends with end-of-sequence.
+    assert torch.equal(data.input_ids[row, real - len(answer) : real], answer)
+    assert int(answer[-1]) == tokenizer.eos_token_id
+    assert tokenizer.decode(answer, skip_special_tokens=True).strip() in TASK_LABELS
+    assert (targets[real:] == IGNORE).all() and (targets[: real - len(answer)] == IGNORE).all()
+
+
+TASK_LABELS = {"business", "entertainment", "politics", "sports", "tech"}
+
+
+def test_a_long_prompt_loses_its_content_end_never_the_template_or_response(tokenizer):
+    long = "word " * 500
+    (short,) = format_examples(tokenizer, [user_prompt("Define x.")], ["A letter."], 64, chat=True)
+    (cut,) = format_examples(tokenizer, [user_prompt("Define x. " + long)], ["A letter."], 64, chat=True)
+    assert len(cut.prompt) + len(cut.response) == 64
+    assert cut.response == short.response  # whole, with its end-of-sequence token
+    assert tokenizer.decode(cut.prompt).endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert tokenizer.decode(cut.prompt).startswith("<|im_start|>system\n")
+
+
+def test_a_template_longer_than_max_length_is_a_config_error(tokenizer):
+    with pytest.raises(ConfigError, match=r"model\.max-length.*chat-template"):
+        format_examples(tokenizer, [user_prompt("Hi")], ["Hello."], 16, chat=True)
+
+
+def test_chat_messages_keep_their_earlier_turns(tokenizer):
+    import json
+
+    turns = [
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": "Hello Ada."},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    (ex,) = format_examples(tokenizer, [json.dumps(turns)], ["Ada."], 128, chat=True)
+    text = tokenizer.decode(ex.prompt)
+    assert text.index("My name is Ada.") < text.index("Hello Ada.") < text.index("What is my name?")
+
+
+def test_loss_is_the_mean_of_per_example_response_losses(cfg):
+    model = task_model(cfg, TASK)
+    data = TASK.client_train_set(cfg, 0, cfg.num_clients)
+    (inputs, targets), *_ = data.batches(torch.arange(2), 2, model.device)
+    with torch.no_grad():
+        logits = model.module(**inputs).logits
+        both = TASK.loss(logits, targets)
+        each = [TASK.loss(logits[i : i + 1], targets[i : i + 1]) for i in range(2)]
+        # Changing a prompt token's target changes nothing: the prompt takes no loss.
+        other = targets.clone()
+        first_prompt = int((targets[0] == IGNORE).nonzero()[0])
+        other[0, first_prompt] = IGNORE
+        assert TASK.loss(logits, other) == both
+    assert math.isclose(float(both), float(sum(each)) / 2, rel_tol=1e-5)
+
+
+def test_packed_rows_score_each_example_as_if_alone(cfg, tokenizer):
+    """Block-diagonal masks from restarting positions: no example sees another."""
+    model = task_model(cfg, TASK)
+    examples = format_examples(
+        tokenizer,
+        [user_prompt('Define "cat".'), user_prompt('Define "river".')],
+        ["A small domesticated feline.", "A large natural stream of water."],
+        48,
+        chat=False,
+    )
+    pad = int(tokenizer.pad_token_id)
+    alone = encode_examples(examples, pad)
+    packed = encode_examples(examples, pad, packing=True, max_length=96)
+    assert packed[0].shape[0] == 1 and alone[0].shape[0] == 2
+    with torch.no_grad():
+        rows = model.module(input_ids=alone[0], attention_mask=alone[1]).logits
+        row = model.module(input_ids=packed[0], position_ids=packed[3]).logits
+    n0 = len(examples[0].prompt) + len(examples[0].response)
+    n1 = len(examples[1].prompt) + len(examples[1].response)
+    torch.testing.assert_close(row[0, :n0], rows[0, :n0], atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(row[0, n0 : n0 + n1], rows[1, :n1], atol=2e-4, rtol=1e-4)
+
+
+def test_packing_is_refused_where_examples_would_mix():
+    with pytest.raises(ConfigError, match="lm.packing.*prompt"):
+        RunConfig.from_run_config(TINY_LLM | {"lm.packing": True, "peft.method": "prompt"})
+    with pytest.raises(ConfigError, match="lm.packing.*DP-SGD"):
+        RunConfig.from_run_config(TINY_LLM | {"lm.packing": True, "dp.mode": "local"})
+    with pytest.raises(ConfigError, match="lm.packing.*causal-lm"):
+        RunConfig.from_run_config({"lm.packing": True})
+
+
+def test_batched_left_padded_generation_answers_as_one_by_one(cfg, tokenizer):
+    model = task_model(cfg, TASK)
+    prompts = [
+        torch.tensor(f.prompt)
+        for f in format_examples(
+            tokenizer,
+            [
+                user_prompt("What is the capital of France?"),
+                user_prompt("Name a colour of the sky on a clear day."),
+            ],
+            ["Paris.", "Blue."],
+            64,
+            chat=True,
+        )
+    ]
+    assert len(prompts[0]) != len(prompts[1])
+    together = generate(model.module, tokenizer, prompts, 2, 6)
+    assert together == [generate(model.module, tokenizer, [p], 1, 6)[0] for p in prompts]
+    assert all(isinstance(a, str) and a for a in together)
+
+
+@pytest.mark.parametrize(
+    ("answer", "reference", "same"),
+    [("Sports.", "sports", True), ("  tech\nmore text", "tech", True), ('"Politics"', "politics", True),
+     ("business news", "business", False)],
+)  # fmt: skip
+def test_exact_match_compares_the_first_line_case_and_end_punctuation_aside(answer, reference, same):
+    assert (normalize(answer) == normalize(reference)) is same
+
+
+def test_training_lowers_the_response_loss(cfg):
+    model = task_model(cfg, TASK)
+    start = model.exchange_state()
+    try:
+        data = TASK.client_train_set(cfg, 0, cfg.num_clients)
+        test = TASK.server_test_set(cfg)
+        before = TASK.evaluate(model, test, 16)
+        train_local(model, data, TrainConfig(batch_size=4, max_steps=6, learning_rate=3e-3), 0, task=TASK)
+        after = TASK.evaluate(model, test, 16)
+    finally:
+        model.load_exchange_state(start)
+    assert after.metrics["perplexity"] < before.metrics["perplexity"]
+    assert set(after.metrics) == {"perplexity", "token_accuracy", "exact_match", "accuracy"}
+    assert after.metrics["accuracy"] == after.metrics["exact_match"]
+
+
+def test_federated_instruction_tuning_through_the_apps(tmp_path, capsys):
+    """3 clients, 2 rounds of LoRA with ComPEFT both ways, in process through the real apps;
+    the saved adapter loads with peft onto the packaged model and generates."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedpeft.apps import client_app
+    from fedpeft.apps.server_app import run_server
+    from fedpeft.models.backbone import resolve_model_path
+    from fedpeft.results import read_rounds
+    from fedpeft.testing import DirectGrid
+
+    overrides = TINY_LLM | {
+        "codec.name": "compeft",
+        "codec.downlink": "compeft",
+        "results-dir": str(tmp_path),
+        "run-name": "llm",
+    }
+    run_cfg = RunConfig.from_run_config(overrides)
+    run_dir = run_server(DirectGrid(client_app.app, 3, run_cfg.to_run_config()), run_cfg)
+    rounds = read_rounds(run_dir)
+    assert [r["num_replied"] for r in rounds[1:]] == [3, 3]
+    for r in rounds:
+        assert set(r["metrics"]) == {"perplexity", "token_accuracy", "exact_match"}
+        assert r["accuracy"] == r["metrics"]["exact_match"]
+        assert math.isfinite(r["metrics"]["perplexity"])
+    # 460,800 LoRA values at 10% density travel as a few kB, not 1.8 MB of float32.
+    assert all(c["payload_up"] < 100_000 for r in rounds[1:] for c in r["clients"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("round")]
+    assert len(lines) == 3 and all(" | ppl " in line and " | em " in line for line in lines)
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2-135m"))
+    tuned = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    tokenizer = load_tokenizer("smollm2-135m")
+    prompt = tokenizer("### Instruction:\nSay hi.\n\n### Response:\n", return_tensors="pt")
+    out = tuned.generate(**prompt, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > prompt["input_ids"].shape[1]
