@@ -77,6 +77,8 @@ class CausalLM:
         return len(load_tokenizer(cfg.model.name))
 
     def client_train_size(self, cfg: RunConfig, partition_id: int, num_partitions: int) -> int:
+        if cfg.lm.packing:  # the rows the examples pack into: known only once tokenized
+            return len(client_train_set(cfg, partition_id, num_partitions))
         return splits.client_partition(load_instructions, cfg, partition_id, num_partitions).num_rows
 
     def client_train_set(self, cfg: RunConfig, partition_id: int, num_partitions: int) -> LMExamples:
@@ -89,8 +91,14 @@ class CausalLM:
         return server_set(cfg, 0)
 
     def partition_stats(self, cfg: RunConfig) -> list[dict[str, Any]]:
-        """Size and label histogram of every client's partition."""
-        return splits.client_stats(load_instructions, cfg)
+        """Size and label histogram of every client's partition (packed: ``size`` counts
+        rows, ``examples`` what they hold)."""
+        stats = splits.client_stats(load_instructions, cfg)
+        if cfg.lm.packing:
+            for stat in stats:
+                stat["examples"] = stat["size"]
+                stat["size"] = self.client_train_size(cfg, stat["partition_id"], cfg.num_clients)
+        return stats
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean over the batch of each example's mean next-token loss on its response."""

@@ -176,7 +176,7 @@ def test_training_lowers_the_response_loss(cfg):
 
 
 def test_federated_instruction_tuning_through_the_apps(tmp_path, capsys):
-    """3 clients, 2 rounds of LoRA with ComPEFT both ways, in process through the real apps;
+    """2 clients, a round of LoRA with ComPEFT both ways, in process through the real apps;
     the saved adapter loads with peft onto the packaged model and generates."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -188,15 +188,17 @@ def test_federated_instruction_tuning_through_the_apps(tmp_path, capsys):
     from fedpeft.testing import DirectGrid
 
     overrides = TINY_LLM | {
+        "num-clients": 2,
+        "num-rounds": 1,
         "codec.name": "compeft",
         "codec.downlink": "compeft",
         "results-dir": str(tmp_path),
         "run-name": "llm",
     }
     run_cfg = RunConfig.from_run_config(overrides)
-    run_dir = run_server(DirectGrid(client_app.app, 3, run_cfg.to_run_config()), run_cfg)
+    run_dir = run_server(DirectGrid(client_app.app, 2, run_cfg.to_run_config()), run_cfg)
     rounds = read_rounds(run_dir)
-    assert [r["num_replied"] for r in rounds[1:]] == [3, 3]
+    assert [r["num_replied"] for r in rounds[1:]] == [2]
     for r in rounds:
         assert set(r["metrics"]) == {"perplexity", "token_accuracy", "exact_match"}
         assert r["accuracy"] == r["metrics"]["exact_match"]
@@ -204,7 +206,7 @@ def test_federated_instruction_tuning_through_the_apps(tmp_path, capsys):
     # 460,800 LoRA values at 10% density travel as a few kB, not 1.8 MB of float32.
     assert all(c["payload_up"] < 100_000 for r in rounds[1:] for c in r["clients"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("round")]
-    assert len(lines) == 3 and all(" | ppl " in line and " | em " in line for line in lines)
+    assert len(lines) == 2 and all(" | ppl " in line and " | em " in line for line in lines)
 
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2-135m"))
     tuned = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
@@ -212,3 +214,33 @@ def test_federated_instruction_tuning_through_the_apps(tmp_path, capsys):
     prompt = tokenizer("### Instruction:\nSay hi.\n\n### Response:\n", return_tensors="pt")
     out = tuned.generate(**prompt, max_new_tokens=3, do_sample=False)
     assert out.shape[1] > prompt["input_ids"].shape[1]
+    # fedpeft's own loader rebuilds the causal LM with the final tensors.
+    from fedpeft.models import load_saved
+
+    saved = load_saved(run_dir / "adapter")
+    assert saved.kind == "causal-lm" and saved.num_trainable == 460_800
+
+
+def test_the_task_keeps_the_contract_with_packed_rows(tmp_path):
+    """Short chat examples from a local file, several per row."""
+    import json
+
+    from fedpeft.tasks.conformance import check_task
+
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Add {i} and 1."},
+                {"role": "assistant", "content": str(i + 1)},
+            ]
+        }
+        for i in range(60)
+    ]
+    path = tmp_path / "sums.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plain = TINY_LLM | {"data.dataset": str(path), "model.max-length": 96}
+    cfg = RunConfig.from_run_config(plain | {"lm.packing": True})
+    check_task(TASK, cfg)
+    packed = TASK.client_train_set(cfg, 0, cfg.num_clients)
+    unpacked = TASK.client_train_set(RunConfig.from_run_config(plain), 0, cfg.num_clients)
+    assert packed.position_ids is not None and len(packed) < len(unpacked) / 2
