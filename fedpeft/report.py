@@ -130,14 +130,12 @@ def summarize(run_dir: Path, target: float = DEFAULT_TARGET) -> RunSummary:
         compression_ratio=raw / encoded if encoded else 1.0,
         max_epsilon=max(eps) if eps else None,
         wall_seconds=float(sum(r.get("wall_seconds", 0.0) for r in rounds)),
-        strategy_metrics=final_strategy_metrics(rounds),
-        task_metrics=final_strategy_metrics(rounds, "metrics"),
+        strategy_metrics=final_metrics(rounds, "strategy_metrics"),
+        task_metrics=final_metrics(rounds, "metrics"),
     )
 
 
-def final_strategy_metrics(
-    rounds: Sequence[dict[str, Any]], key: str = "strategy_metrics"
-) -> dict[str, float]:
+def final_metrics(rounds: Sequence[dict[str, Any]], key: str) -> dict[str, float]:
     """The scalar metrics under ``key`` (the strategy's, or with ``"metrics"`` the task's) of
     the last round that has any (older folders: none)."""
     for r in reversed(rounds):
@@ -175,6 +173,13 @@ class Group:
         return _spread(values) if values else (None, None, 0)
 
 
+#: The final-metric kinds of a run, in report order, and the title of each one's table.
+METRIC_TITLES = {
+    "task": "The task's other metrics in the final round:",
+    "strategy": "What the strategies returned from aggregation in the final round:",
+}
+
+
 def _metrics(run: RunSummary, kind: str) -> dict[str, float]:
     return run.task_metrics if kind == "task" else run.strategy_metrics
 
@@ -184,7 +189,7 @@ def _spread(values: Sequence[float]) -> tuple[float | None, float | None, int]:
     return statistics.fmean(values), std, len(values)
 
 
-def strategy_metric_keys(runs: Iterable[RunSummary], kind: str = "strategy") -> list[str]:
+def metric_keys(runs: Iterable[RunSummary], kind: str) -> list[str]:
     """Every final strategy (or ``kind="task"``: task) metric any run has, sorted."""
     return sorted({k for r in runs for k in _metrics(r, kind)})
 
@@ -276,12 +281,8 @@ def markdown_table(groups: Sequence[Group], target: float) -> str:
         "",
         *_table(headers, rows),
     ]
-    titles = {
-        "task": "The task's other metrics in the final round:",
-        "strategy": "What the strategies returned from aggregation in the final round:",
-    }
-    for kind, title in titles.items():
-        keys = strategy_metric_keys((r for g in groups for r in g.runs), kind)
+    for kind, title in METRIC_TITLES.items():
+        keys = metric_keys((r for g in groups for r in g.runs), kind)
         if keys:
             metric_rows = []
             for g in groups:
@@ -303,10 +304,16 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     ]
 
 
+def _kind_keys(runs: Iterable[RunSummary]) -> list[tuple[str, str]]:
+    """(kind, key) of every final metric column, task metrics first: ``task.<key>``,
+    ``strategy.<key>``."""
+    runs = list(runs)
+    return [(kind, key) for kind in METRIC_TITLES for key in metric_keys(runs, kind)]
+
+
 def _write_group_csv(path: Path, groups: Sequence[Group]) -> None:
     setting_keys = sorted({k for g in groups for k in g.settings})
-    metric_keys = strategy_metric_keys(r for g in groups for r in g.runs)
-    task_keys = strategy_metric_keys((r for g in groups for r in g.runs), "task")
+    columns = _kind_keys(r for g in groups for r in g.runs)
     with path.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(
@@ -315,34 +322,24 @@ def _write_group_csv(path: Path, groups: Sequence[Group]) -> None:
                 *setting_keys,
                 "seeds",
                 *(f"{n}_{s}" for n, _, _ in COLUMNS for s in ("mean", "std")),
-                *(f"task.{k}_{s}" for k in task_keys for s in ("mean", "std")),
-                *(f"strategy.{k}_{s}" for k in metric_keys for s in ("mean", "std")),
+                *(f"{kind}.{k}_{s}" for kind, k in columns for s in ("mean", "std")),
             ]
         )
         for g in groups:
             stats = [v for n, _, _ in COLUMNS for v in g.stat(n)[:2]]
-            stats += [v for k in task_keys for v in g.metric_stat(k, "task")[:2]]
-            stats += [v for k in metric_keys for v in g.metric_stat(k)[:2]]
+            stats += [v for kind, k in columns for v in g.metric_stat(k, kind)[:2]]
             w.writerow([g.label, *(g.settings.get(k) for k in setting_keys), len(g.runs), *_cells(stats)])
 
 
 def _write_runs_csv(path: Path, runs: Sequence[RunSummary]) -> None:
-    metric_keys = strategy_metric_keys(runs)
-    task_keys = strategy_metric_keys(runs, "task")
+    columns = _kind_keys(runs)
     with path.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(
-            [
-                "run_dir",
-                "seed",
-                *(n for n, _, _ in COLUMNS),
-                *(f"task.{k}" for k in task_keys),
-                *(f"strategy.{k}" for k in metric_keys),
-            ]
-        )
+        w.writerow(["run_dir", "seed", *(n for n, _, _ in COLUMNS), *(f"{kind}.{k}" for kind, k in columns)])
         for r in runs:
-            values = [getattr(r, n) for n, _, _ in COLUMNS] + [r.task_metrics.get(k) for k in task_keys]
-            values += [r.strategy_metrics.get(k) for k in metric_keys]
+            values = [getattr(r, n) for n, _, _ in COLUMNS] + [
+                _metrics(r, kind).get(k) for kind, k in columns
+            ]
             w.writerow([str(r.run_dir), r.seed, *_cells(values)])
 
 

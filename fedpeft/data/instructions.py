@@ -167,7 +167,8 @@ def _read_local(path: Path, cfg: DataConfig) -> TextDataset:
     if cfg.label_column in present:
         raw = [_text(v) for v in frame[cfg.label_column].tolist()]
         names = sorted(set(raw))
-        labels = [names.index(v) for v in raw]
+        index = {name: i for i, name in enumerate(names)}
+        labels = [index[v] for v in raw]
     else:  # one class: stratification and label skew are then no-ops
         names, labels = ["all"], [0] * len(prompts)
     extra = {c: frame[c].tolist() for c in check_partition_column(cfg, present, str(path))}

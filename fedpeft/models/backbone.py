@@ -16,11 +16,13 @@ packaged, so a fresh machine needs no model hub:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -106,18 +108,18 @@ def converted_gguf(name: str) -> Path:
     return target
 
 
-class _offline:
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
     """``HF_HUB_OFFLINE=1`` for the duration: a local GGUF load must never try the hub."""
-
-    def __enter__(self) -> None:
-        self._saved = os.environ.get("HF_HUB_OFFLINE")
-        os.environ["HF_HUB_OFFLINE"] = "1"
-
-    def __exit__(self, *exc: object) -> None:
-        if self._saved is None:
+    saved = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
-            os.environ["HF_HUB_OFFLINE"] = self._saved
+            os.environ["HF_HUB_OFFLINE"] = saved
 
 
 def resolve_model_path(name: str) -> str:

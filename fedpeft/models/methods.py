@@ -278,9 +278,7 @@ def _adapter(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     NLP" -- the "adapter" of FedPEFT (Sun et al., 2022).  See :mod:`fedpeft.models.adapters`.
     """
     add_adapters(model, cfg.adapter.bottleneck, cfg.adapter.placement, cfg.adapter.activation)
-    for name, p in model.named_parameters():
-        p.requires_grad_(".adapter." in name or _is_head(model, name))
-    return model
+    return _train_only(model, lambda name: ".adapter." in name)
 
 
 @register_method("bitfit", "BitFit: every bias of the backbone + the head", is_peft_adapter=False)
@@ -288,30 +286,26 @@ def _bitfit(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     """BitFit, Ben Zaken et al. (2022), "BitFit: Simple Parameter-efficient Fine-tuning for
     Transformer-based Masked Language-models": only the bias terms train.
     """
-    biases = [
-        name for name, _ in model.named_parameters() if name.endswith(".bias") and not _is_head(model, name)
-    ]
-    if not biases:
+    head = _head_prefix(model)
+    if not any(
+        n.endswith(".bias") and not (head and n.startswith(head)) for n, _ in model.named_parameters()
+    ):
         raise ConfigError(
             f"peft.method 'bitfit' trains the backbone's bias terms, and {type(model).__name__} has none "
             "(Llama-style decoders are bias-free); choose lora, ia3, prompt, prefix or adapter"
         )
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.endswith(".bias") or _is_head(model, name))
-    return model
+    return _train_only(model, lambda name: name.endswith(".bias"))
 
 
 @register_method("head", "the classification head only (linear probing)", is_peft_adapter=False)
 def _head(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     """Linear probing: the frozen backbone's features, only the classification head trains."""
-    if task_type(model) == TaskType.CAUSAL_LM:
+    if _head_prefix(model) is None:
         raise ConfigError(
             f"peft.method 'head' trains a classification head, and the causal LM {type(model).__name__} "
             "has none (its output layer is the tied token embedding); choose lora, ia3, prompt, prefix or adapter"
         )
-    for name, p in model.named_parameters():
-        p.requires_grad_(_is_head(model, name))
-    return model
+    return _train_only(model, lambda name: False)
 
 
 # The classification head of transformers' sequence classifiers (the names peft's SEQ_CLS
@@ -319,15 +313,25 @@ def _head(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
 _HEADS = ("classifier", "score")
 
 
-def _is_head(model: nn.Module, param_name: str) -> bool:
+def _head_prefix(model: nn.Module) -> str | None:
+    """``"classifier."`` / ``"score."``: the prefix of the task head's parameters; None for a
+    causal LM, whose output layer is the (tied) token embedding, not a task head."""
     if task_type(model) == TaskType.CAUSAL_LM:
-        return False  # its output layer is the (tied) token embedding, not a task head
+        return None
     head = next((h for h in _HEADS if isinstance(getattr(model, h, None), nn.Module)), None)
     if head is None:
         raise ConfigError(
             f"model {type(model).__name__} has no classification head named {' or '.join(_HEADS)}"
         )
-    return param_name.startswith(head + ".")
+    return head + "."
+
+
+def _train_only(model: nn.Module, trains: Callable[[str], bool]) -> nn.Module:
+    """``requires_grad`` on the parameters ``trains`` names and on the task head, off elsewhere."""
+    head = _head_prefix(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(trains(name) or (head is not None and name.startswith(head)))
+    return model
 
 
 def _leaf_module_names(model: nn.Module) -> set[str]:

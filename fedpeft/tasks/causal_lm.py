@@ -102,7 +102,7 @@ class CausalLM:
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean over the batch of each example's mean next-token loss on its response."""
-        nll, counted = _token_nll(logits, targets)
+        nll, counted = _token_nll(*_next_token(logits, targets))
         per_example = nll.sum(dim=1) / counted.sum(dim=1).clamp(min=1)
         return per_example.mean()
 
@@ -111,11 +111,11 @@ class CausalLM:
         """Perplexity and token accuracy on the responses; exact match of greedy answers."""
         nll_sum, tokens, correct = 0.0, 0, 0
         for logits, targets in forward_batches(model, data, batch_size):
-            nll, counted = _token_nll(logits, targets)
+            aligned, shifted = _next_token(logits, targets)
+            nll, counted = _token_nll(aligned, shifted)
             nll_sum += float(nll.sum())
             tokens += int(counted.sum())
-            predicted = logits[:, -targets.shape[1] :][:, :-1].argmax(dim=-1)
-            correct += int(((predicted == targets[:, 1:]) & counted).sum())
+            correct += int(((aligned.argmax(dim=-1) == shifted) & counted).sum())
         loss = nll_sum / max(tokens, 1)
         metrics = {"perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / max(tokens, 1)}
         if isinstance(data, LMExamples) and data.prompts:
@@ -126,12 +126,16 @@ class CausalLM:
         return Evaluation(loss, metrics)
 
 
-def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token loss, mask of the tokens that count), both ``[B, L-1]``: position t
-    predicts token t+1.  Logits longer than the targets (a soft prompt prepended by prompt
-    tuning) are aligned on the right."""
-    logits = logits[:, -targets.shape[1] :][:, :-1].float()
-    shifted = targets[:, 1:]
+def _next_token(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, the tokens they predict), both ``[B, L-1, ...]``: position t predicts token
+    t+1.  Logits longer than the targets (a soft prompt prepended by prompt tuning) are
+    aligned on the right."""
+    return logits[:, -targets.shape[1] :][:, :-1], targets[:, 1:]
+
+
+def _token_nll(logits: torch.Tensor, shifted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token loss, mask of the tokens that count) of aligned logits (:func:`_next_token`)."""
+    logits = logits.float()
     counted = shifted != IGNORE
     nll = F.cross_entropy(logits.transpose(1, 2), shifted.clamp(min=0), reduction="none")
     return nll * counted, counted
