@@ -356,6 +356,10 @@ class TrainConfig(Section, section="train"):
     batch_size: int = field(default=16, metadata=_range(1))
     learning_rate: float = field(default=2e-3, metadata=_range(0.0, lo_open=True))
     weight_decay: float = field(default=0.0, metadata=_range(0.0))
+    # The clients' optimizer (fresh each round): "adamw", or "sgd" (plain SGD: the update
+    # stays proportional to the gradient, which keeps clients' updates aligned under
+    # user-level clipping, as in DP-FedAvg; Adam's per-coordinate steps are not).
+    optimizer: str = field(default="adamw", metadata=_choices("adamw", "sgd"))
     eval_batch_size: int = field(default=64, metadata=_range(1))
 
 
@@ -469,12 +473,32 @@ class DPConfig(Section, section="dp"):
     accountant: str = field(default="rdp", metadata=_choices("rdp", "prv", "gdp"))
     # > 0: a client whose epsilon would pass this in the next round sits it out (recorded).
     epsilon_budget: float = field(default=0.0, metadata=_range(0.0))
+    # Local DP-SGD: how Opacus gets each example's gradient.  "hooks" (default) and
+    # "functorch" materialise every per-sample gradient (memory: batch x trainable params);
+    # "ghost" (ghost clipping, Li et al., 2022) computes only their norms and clips through
+    # a second backward pass (less memory for wide layers, more compute).  Not every PEFT
+    # method runs in every mode: a bad pair is refused naming the modes that work.
+    grad_sample_mode: str = field(default="hooks", metadata=_choices("hooks", "functorch", "ghost"))
+    # Local DP-SGD: > 0 splits each logical batch (Poisson, expected size train.batch-size)
+    # into physical batches of at most this many examples (Opacus' BatchMemoryManager):
+    # large logical batches in bounded memory; steps, noise and accounting stay logical.
+    max_physical_batch_size: int = field(default=0, metadata=_range(0))
     # Central DP: clipping of each client's update on the server or on the client.
     central_side: str = field(default="server", metadata=_choices("server", "client"))
     central_clipping: str = field(default="fixed", metadata=_choices("fixed", "adaptive"))
     central_noise_multiplier: float = field(default=1.0, metadata=_range(0.0))
     # Fixed clipping norm, or the initial one for adaptive clipping.
     central_clipping_norm: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    # > 0: choose the central noise multiplier so that num-rounds releases spend this
+    # user-level epsilon (under the bound of the run's sampling and mechanism).
+    central_target_epsilon: float = field(default=0.0, metadata=_range(0.0))
+    # How the noise is released: "gaussian" (DP-FedAvg, noise on every round's aggregate) or
+    # "tree" (DP-FTRL, Kairouz et al., 2021: noisy prefix sums by tree aggregation, no
+    # sampling amplification needed).  The server wing's registry holds the same names.
+    central_mechanism: str = field(default="gaussian", metadata=_choices("gaussian", "tree"))
+    # DP-FTRL: rounds per tree before it restarts from the current model (0: one tree for
+    # the whole run); every client takes part at most once per tree.
+    tree_restart_rounds: int = field(default=0, metadata=_range(0))
 
 
 @dataclass(frozen=True)
@@ -576,6 +600,10 @@ class RunConfig(Section):
     num_rounds: int = field(default=5, metadata=_range(1))
     num_clients: int = field(default=10, metadata=_range(1))
     fraction_train: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
+    # "fixed": fraction-train x num-clients clients per round (at least min-train-clients),
+    # drawn without replacement; "poisson": each client joins each round independently with
+    # probability fraction-train (what amplified user-level DP accounting assumes).
+    client_sampling: str = field(default="fixed", metadata=_choices("fixed", "poisson"))
     min_train_clients: int = field(default=2, metadata=_range(1))
     # A round with fewer usable replies than this keeps the global model as it was.
     min_replies: int = field(default=1, metadata=_range(1))
@@ -669,10 +697,45 @@ class RunConfig(Section):
             )
         if self.lm.packing:
             self._check_packing()
+        self._check_user_dp()
         dev = self.device
         if not (dev in ("auto", "cpu", "mps", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ConfigError(
                 f"config key 'device': unknown value {dev!r} (valid: auto, cpu, cuda, cuda:N, mps)"
+            )
+
+    def _check_user_dp(self) -> None:
+        dp = self.dp
+        central = dp.mode in ("central", "both")
+        if not central and (dp.central_target_epsilon > 0 or dp.central_mechanism != "gaussian"):
+            raise ConfigError(
+                "config keys 'dp.central-target-epsilon' / 'dp.central-mechanism' need dp.mode = 'central' "
+                f"or 'both', not {dp.mode!r}"
+            )
+        if not central or dp.central_mechanism != "tree":
+            return
+        if self.client_sampling != "fixed":
+            raise ConfigError(
+                "config key 'dp.central-mechanism' = 'tree' (DP-FTRL) picks each round's clients itself "
+                "(each at most once per tree); set client-sampling = 'fixed'"
+            )
+        if (dp.central_side, dp.central_clipping) != ("server", "fixed"):
+            raise ConfigError(
+                "config key 'dp.central-mechanism' = 'tree' clips on the server with a fixed norm; set "
+                "dp.central-side = 'server' and dp.central-clipping = 'fixed'"
+            )
+        if self.strategy.name != "fedavg":
+            raise ConfigError(
+                "config key 'dp.central-mechanism' = 'tree' sets the server update itself (the noisy "
+                f"prefix sum of the mean clipped updates); use strategy.name = 'fedavg', not {self.strategy.name!r}"
+            )
+        cohort = max(int(self.num_clients * self.fraction_train), self.min_train_clients)
+        per_tree = dp.tree_restart_rounds or self.num_rounds
+        if cohort * per_tree > self.num_clients:
+            raise ConfigError(
+                f"config key 'dp.tree-restart-rounds': a tree of {per_tree} rounds x {cohort} clients per round "
+                f"needs {cohort * per_tree} distinct clients (each takes part once per tree), but num-clients is "
+                f"{self.num_clients}; restart the tree every {max(1, self.num_clients // cohort)} rounds or fewer"
             )
 
     def _check_packing(self) -> None:

@@ -128,6 +128,10 @@ def preflight(cfg: RunConfig) -> None:
     from strategies import resolve_strategy
 
     get_method(cfg.peft.method)
+    if cfg.dp.mode in ("local", "both"):
+        from fedpeft.privacy.dpsgd import check_grad_sample_mode
+
+        check_grad_sample_mode(cfg.peft.method, cfg.dp.grad_sample_mode)
     resolve_strategy(cfg.strategy.name)
     strategy_stack(cfg, RejectionLog())  # builds every wrapper: their own checks run now
     if cfg.resume:  # a missing or damaged checkpoint fails here, not after Ray has started

@@ -65,10 +65,17 @@ def proximal_term(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor]
     return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))  # type: ignore[return-value]
 
 
+def make_optimizer(cfg: TrainConfig, params: Sequence[torch.Tensor]) -> torch.optim.Optimizer:
+    """The clients' optimizer over the exchanged tensors (``train.optimizer``)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
 def train_local(
     model: FedModel, data: Examples, cfg: TrainConfig, seed: int, proximal_mu: float = 0.0, *, task: Task
 ) -> TrainResult:
-    """Run ``cfg.local_epochs`` epochs (capped at ``cfg.max_steps``) of AdamW on the exchanged
+    """Run ``cfg.local_epochs`` epochs (capped at ``cfg.max_steps``) of ``train.optimizer`` on the exchanged
     params, minimising ``task``'s loss.
 
     ``seed`` fixes dropout and the shuffling order, so a client's round is reproducible
@@ -83,7 +90,7 @@ def train_local(
     module.train()
     params = list(model.params.values())
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    optim = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optim = make_optimizer(cfg, params)
     steps, total, seen = 0, 0.0, 0
     for _ in range(cfg.local_epochs):
         order = torch.randperm(len(data), generator=gen)

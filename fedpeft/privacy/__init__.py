@@ -2,7 +2,7 @@
 
 * :mod:`fedpeft.privacy.accounting` -- pure maths: what a round costs
   (:class:`RoundPlan`, :func:`plan_round`), what a history of rounds spent
-  (:func:`epsilon`, :class:`Ledger`, :func:`central_epsilon`).
+  (:func:`epsilon`, :class:`Ledger`, :class:`UserLevel` for user-level DP).
 * :mod:`fedpeft.privacy.dpsgd` -- :func:`train_private`, sample-level DP-SGD with Opacus.
 
 The only package that imports Opacus.
@@ -17,7 +17,7 @@ from fedpeft.privacy.accounting import (
     Ledger,
     PrivacyError,
     RoundPlan,
-    central_epsilon,
+    UserLevel,
     epsilon,
     plan_round,
 )
@@ -32,7 +32,7 @@ __all__ = [
     "Ledger",
     "PrivacyError",
     "RoundPlan",
-    "central_epsilon",
+    "UserLevel",
     "epsilon",
     "plan_round",
     "train_private",

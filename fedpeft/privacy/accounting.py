@@ -154,8 +154,96 @@ def plan_round(cfg: DPConfig, train: TrainConfig, num_examples: int, num_rounds:
     return RoundPlan(noise, q, steps)
 
 
-def central_epsilon(dp: DPConfig, rounds: int) -> float:
-    """Epsilon of ``rounds`` releases of the central Gaussian mechanism (no amplification)."""
-    if dp.central_noise_multiplier <= 0:
-        return float("inf")
-    return epsilon([(dp.central_noise_multiplier, 1.0, rounds)], dp.delta, "rdp") if rounds else 0.0
+# ----------------------------------------------------------------------- user-level (central) DP
+@dataclass(frozen=True)
+class UserLevel:
+    """What the user-level accountant needs besides the noise: how clients are sampled and
+    how the noise is released.
+
+    Which bound applies (the README's table):
+
+    * ``mechanism="gaussian"``, ``sampling="poisson"``: each client joins a round with
+      probability ``cohort / population``; the sampled Gaussian mechanism with that rate
+      (add/remove-one-user adjacency), through Opacus' RDP / PRV / GDP accountant -- the
+      bound of DP-FedAvg (McMahan et al., 2018), with the fixed-denominator estimator.
+    * ``mechanism="gaussian"``, ``sampling="fixed"``, every client every round: the Gaussian
+      mechanism composed over rounds (add/remove; no amplification, none to claim).
+    * ``mechanism="gaussian"``, ``sampling="fixed"``, ``cohort < population``: sampling
+      without replacement (Wang, Balle & Kasiviswanathan, 2019) through Google's
+      ``dp-accounting`` RDP accountant.  That bound holds for replace-one adjacency (the
+      population size is public), under which one user moves the clipped sum by up to twice
+      the clipping norm, so the accountant is fed half the noise multiplier: conservative.
+    * ``mechanism="tree"`` (DP-FTRL, Kairouz et al., 2021): tree aggregation, each client at
+      most once per tree of ``restart_rounds`` rounds; ``dp-accounting``'s tree RDP
+      (replace-with-zero adjacency, its ``REPLACE_SPECIAL``), composed over the trees started.
+      No sampling amplification is claimed.
+    """
+
+    mechanism: str = "gaussian"
+    sampling: str = "fixed"
+    population: int = 1
+    cohort: float = 1.0  # clients per round: exact (fixed) or expected (poisson)
+    restart_rounds: int = 0  # tree: rounds per tree (0: one tree for the whole run)
+
+    @property
+    def rate(self) -> float:
+        return min(1.0, self.cohort / self.population)
+
+    def history(self, noise: float, rounds: int) -> History:
+        """The Opacus-style (noise, rate, steps) history of ``rounds`` Poisson releases."""
+        return [(noise, self.rate, rounds)] if rounds else []
+
+    def epsilon(self, noise: float, rounds: int, delta: float, accountant: str = "rdp") -> float:
+        """Epsilon of ``rounds`` releases at ``noise`` (0 for none; inf without noise)."""
+        if rounds <= 0:
+            return 0.0
+        if noise <= 0:
+            return float("inf")
+        if self.mechanism == "tree":
+            return _tree_epsilon(noise, self.restart_rounds or rounds, rounds, delta)
+        if self.sampling == "poisson" or self.cohort >= self.population:
+            return epsilon(self.history(noise, rounds), delta, accountant)
+        return _without_replacement_epsilon(noise, self.population, int(self.cohort), rounds, delta)
+
+    def noise_for(self, target_epsilon: float, rounds: int, delta: float, accountant: str = "rdp") -> float:
+        """The smallest noise multiplier (to 0.1%) at which ``rounds`` releases spend at most
+        ``target_epsilon``: bisection on this class's own accountant, so every mechanism and
+        sampling is calibrated the way it is reported."""
+        lo, hi = 1e-3, 1.0
+        while self.epsilon(hi, rounds, delta, accountant) > target_epsilon:
+            lo, hi = hi, hi * 2
+            if hi > 1e6:
+                raise PrivacyError(
+                    f"no noise multiplier reaches epsilon {target_epsilon:g} in {rounds} rounds"
+                )
+        while hi / lo > 1.001:
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if self.epsilon(mid, rounds, delta, accountant) > target_epsilon else (lo, mid)
+        return hi
+
+
+def _dp_accounting_epsilon(event: Any, relation: str, delta: float) -> float:
+    from dp_accounting import NeighboringRelation
+    from dp_accounting.rdp import RdpAccountant
+
+    acc = RdpAccountant(neighboring_relation=getattr(NeighboringRelation, relation))
+    acc.compose(event)
+    return float(acc.get_epsilon(delta))
+
+
+def _without_replacement_epsilon(
+    noise: float, population: int, cohort: int, rounds: int, delta: float
+) -> float:
+    from dp_accounting import GaussianDpEvent, SampledWithoutReplacementDpEvent, SelfComposedDpEvent
+
+    # Replace-one: one user moves the clipped sum by up to 2C, so the effective noise is halved.
+    round_event = SampledWithoutReplacementDpEvent(population, cohort, GaussianDpEvent(noise / 2))
+    return _dp_accounting_epsilon(SelfComposedDpEvent(round_event, rounds), "REPLACE_ONE", delta)
+
+
+def _tree_epsilon(noise: float, restart_rounds: int, rounds: int, delta: float) -> float:
+    from dp_accounting import SelfComposedDpEvent, SingleEpochTreeAggregationDpEvent
+
+    trees = math.ceil(rounds / restart_rounds)  # a client takes part at most once in each
+    tree = SingleEpochTreeAggregationDpEvent(noise, restart_rounds)
+    return _dp_accounting_epsilon(SelfComposedDpEvent(tree, trees), "REPLACE_SPECIAL", delta)

@@ -8,31 +8,79 @@ A PEFT method whose tensors Opacus cannot reach brings its own per-sample-gradie
 through the method registry (``PeftMethod.grad_sample_hooks``); this module installs them
 without naming any method.
 
+``dp.grad-sample-mode`` picks Opacus' per-sample engine: ``hooks`` and ``functorch``
+materialise each example's gradient (``param.grad_sample``); ``ghost`` (ghost clipping)
+computes only each example's gradient norm (``param._norm_sample``) and gets the clipped
+sum from a second backward pass of the per-example losses reweighted by their clipping
+factors, so the loss must go through the criterion Opacus returns: a plain loss would
+train with no clipping at all.  ``dp.max-physical-batch-size`` splits each logical
+(Poisson) batch into physical batches (Opacus' ``BatchMemoryManager``): the optimizer
+clips and sums every physical batch and adds noise and steps once per logical batch, so
+steps, noise and the accounting are those of the logical batches.
+
 Guards against the silent failures others hit (see KNOWLEDGE.md): the DP optimizer must
-hold every trainable parameter, every trainable parameter must get a per-sample gradient
-of the batch's size, and the trained tensors must have moved after the first private
-step; otherwise :class:`PrivacyError` is raised, naming the parameter.
+hold every trainable parameter, every trainable parameter must get per-sample
+information (gradient, or gradient norm under ghost clipping) of the physical batch's
+size, and the trained tensors must have moved after the first private step with
+examples; otherwise :class:`PrivacyError` is raised, naming the parameter.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import warnings
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.hooks import RemovableHandle
 
-from fedpeft.config import DPConfig, TrainConfig
+from fedpeft.config import ConfigError, DPConfig, TrainConfig
 from fedpeft.models import FedModel, get_method
 from fedpeft.models.grad_sample import GradSampleError
 from fedpeft.privacy.accounting import PrivacyError, RoundPlan
-from fedpeft.training import Encoded, TrainResult
+from fedpeft.training import Encoded, TrainResult, make_optimizer
 
 #: ``(logits, targets) -> mean loss``: the learning task's training loss.
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: ``dp.grad-sample-mode`` values (Opacus' ``grad_sample_mode``), as the config declares them.
+GRAD_SAMPLE_MODES: tuple[str, ...] = next(
+    f.metadata["choices"] for f in dataclasses.fields(DPConfig) if f.name == "grad_sample_mode"
+)
+#: The modes that materialise each example's gradient in ``param.grad_sample``, which is
+#: what a method's own per-sample-gradient hooks fill (ghost clipping reads norms only).
+MATERIALISING_MODES = ("hooks", "functorch")
+
+
+def grad_sample_modes(method: str) -> tuple[str, ...]:
+    """The ``dp.grad-sample-mode`` values that can train PEFT method ``method`` privately.
+
+    Opacus reaches every registered method's tensors in every mode, except where a method
+    computes its own per-sample gradients (``PeftMethod.grad_sample_hooks``, e.g. ia3):
+    those fill ``grad_sample``, which ghost clipping never reads.
+    """
+    if get_method(method).grad_sample_hooks is not None:
+        return MATERIALISING_MODES
+    return GRAD_SAMPLE_MODES
+
+
+def check_grad_sample_mode(method: str, mode: str) -> None:
+    """Refuse a ``dp.grad-sample-mode`` that cannot train ``method``, naming the ones that can.
+
+    Raises :class:`ConfigError`: the launcher's preflight calls this before a run starts;
+    :func:`train_private` calls it too (as :class:`PrivacyError`) for runs started otherwise.
+    """
+    working = grad_sample_modes(method)
+    if mode not in working:
+        raise ConfigError(
+            f"config key 'dp.grad-sample-mode': {mode!r} cannot train peft.method {method!r}, which "
+            f"computes its own per-sample gradients ({mode} clipping reads only Opacus' own); "
+            f"valid for {method!r}: {', '.join(working)}"
+        )
 
 
 def train_private(
@@ -49,21 +97,33 @@ def train_private(
     """``plan.steps`` DP-SGD steps (Poisson batches, clipped, noised) on the exchanged params.
 
     ``loss(logits, targets)`` is the learning task's (:meth:`fedpeft.tasks.Task.loss`), mean
-    over the batch as Opacus' ``loss_reduction="mean"`` assumes.
+    over the batch as Opacus' ``loss_reduction="mean"`` assumes.  ``plan.steps`` counts
+    logical batches (of expected size ``train.batch-size``), whatever
+    ``dp.max-physical-batch-size`` splits them into.  The result's loss is the mean over
+    the examples seen (Poisson batches vary in size; an empty one adds nothing).
 
     ``proximal_mu > 0`` (FedProx) adds ``mu * (w - w_global)`` to the *noised* gradient:
     the term depends on no example, so it is post-processing and costs no privacy (added
     to the loss instead, Opacus' per-sample hooks would never see it).
     """
     from opacus import PrivacyEngine
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
 
+    mode = dp.grad_sample_mode
+    try:
+        check_grad_sample_mode(model.method, mode)
+    except ConfigError as err:
+        raise PrivacyError(str(err)) from err
     torch.manual_seed(seed)
     module = model.module
     module.train()
     params = list(model.params.values())
-    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+    optimizer = make_optimizer(train, params)
     dataset = TensorDataset(data.input_ids, data.attention_mask, data.labels)
     loader = DataLoader(dataset, batch_size=train.batch_size, generator=torch.Generator().manual_seed(seed))
+    # Ghost clipping's loss must be the criterion make_private returns (a plain loss would
+    # not be clipped at all); it wraps the task's loss, given per example.
+    ghost = {"criterion": TaskCriterion(loss)} if mode == "ghost" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "secure RNG turned off": a simulation, not production
         engine = PrivacyEngine(accountant=dp.accountant, secure_mode=False)
@@ -75,18 +135,38 @@ def train_private(
                 noise_multiplier=plan.noise_multiplier,
                 max_grad_norm=dp.max_grad_norm,
                 poisson_sampling=True,
-                grad_sample_mode="hooks",
+                grad_sample_mode=mode,
                 noise_generator=torch.Generator().manual_seed(seed + 1),
+                **ghost,
             )
         except Exception as err:  # Opacus' own validators: say so without its stack
-            raise PrivacyError(f"Opacus cannot make method {model.method!r} private: {err}") from err
-    dp_module, dp_optimizer, dp_loader = made[0], made[1], made[2]
+            raise PrivacyError(
+                f"Opacus cannot make method {model.method!r} private with dp.grad-sample-mode {mode!r}: {err}"
+            ) from err
+    if ghost:  # the criterion that runs both backward passes (the clipping itself)
+        dp_module, dp_optimizer, step_loss, dp_loader = made
+    else:
+        (dp_module, dp_optimizer, dp_loader), step_loss = made, loss
     handles: list[RemovableHandle] = []
     try:
         handles = _method_grad_sample_hooks(model, dp_optimizer.loss_reduction)
-        with warnings.catch_warnings():
+        if ghost:
+            handles += _contiguous_embedding_ids(module)
+        with ExitStack() as stack:
+            if dp.max_physical_batch_size:
+                dp_loader = stack.enter_context(
+                    BatchMemoryManager(
+                        data_loader=dp_loader,
+                        max_physical_batch_size=dp.max_physical_batch_size,
+                        optimizer=dp_optimizer,
+                    )
+                )
+            stack.enter_context(warnings.catch_warnings())
             # Opacus' hooks on a frozen backbone: the inputs need no gradient, by design.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            # functorch mode on an embedding table: Opacus asks autocast for the ids' int
+            # dtype, which autocast declines (and computes in float32, as it should).
+            warnings.filterwarnings("ignore", message="CPU Autocast only supports")
             return _dp_steps(
                 model,
                 dp_module,
@@ -94,8 +174,9 @@ def train_private(
                 dp_loader,
                 plan.steps,
                 _forward_params(model),
-                loss,
+                step_loss,
                 proximal_mu,
+                per_sample=_NORM_SAMPLE if ghost else _GRAD_SAMPLE,
             )
     finally:
         for handle in handles:
@@ -104,6 +185,26 @@ def train_private(
         for p in params:
             p.grad_sample = None  # type: ignore[attr-defined]
         module.eval()
+
+
+class TaskCriterion:
+    """The task's mean loss as a torch-style criterion, for Opacus' ghost clipping.
+
+    Ghost clipping needs each example's loss (it sets ``reduction = "none"`` for its two
+    backward passes); a task defines only the mean over a batch (:meth:`Task.loss`), whose
+    value on a batch of one *is* that example's loss, so ``vmap`` over the examples gives
+    them all in one call, for any task.
+    """
+
+    def __init__(self, loss: LossFn) -> None:
+        self.loss = loss
+        self.reduction = "mean"  # Opacus reads and switches this
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.reduction == "mean":
+            return self.loss(logits, targets)
+        per_example = torch.func.vmap(lambda x, y: self.loss(x.unsqueeze(0), y.unsqueeze(0)))(logits, targets)
+        return per_example if self.reduction == "none" else per_example.sum()
 
 
 def _method_grad_sample_hooks(model: FedModel, loss_reduction: str) -> list[RemovableHandle]:
@@ -117,6 +218,25 @@ def _method_grad_sample_hooks(model: FedModel, loss_reduction: str) -> list[Remo
         raise PrivacyError(str(err)) from err
 
 
+def _contiguous_embedding_ids(module: torch.nn.Module) -> list[RemovableHandle]:
+    """Make the ids a trained embedding table looks up contiguous (forward values unchanged).
+
+    Ghost clipping's embedding norms ``view`` the ids, and peft's prefix tuning passes an
+    expanded (stride-0) id tensor, which cannot be viewed; Opacus' hooks see the ids after
+    these pre-hooks.
+    """
+    return [
+        layer.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
+        for layer in module.modules()
+        if isinstance(layer, torch.nn.Embedding) and layer.weight.requires_grad
+    ]
+
+
+# What each mode leaves on a parameter after a backward pass, one row per example.
+_GRAD_SAMPLE = "grad_sample"  # hooks, functorch: each example's gradient
+_NORM_SAMPLE = "_norm_sample"  # ghost: each example's gradient norm (Opacus 1.6's attribute)
+
+
 def _dp_steps(
     model: FedModel,
     dp_module: Any,
@@ -126,12 +246,22 @@ def _dp_steps(
     accepted: set[str],
     loss_fn: LossFn,
     proximal_mu: float = 0.0,
+    *,
+    per_sample: str = _GRAD_SAMPLE,
 ) -> TrainResult:
+    """Train until ``num_steps`` logical steps are done; each loader item is a physical batch.
+
+    Opacus' optimizer decides when a logical batch ends: ``pre_step`` clips and sums a
+    physical batch, and returns True (noised, scaled: ``p.grad`` is private) only on the
+    last physical batch of a logical one, which is when the optimizer steps and a step
+    counts.
+    """
     _check_optimizer(model, dp_optimizer)
     before = {k: p.detach().clone() for k, p in model.params.items()}
     params = list(model.params.values())
     anchor = [before[k] for k in model.params]
     steps, total, seen = 0, 0.0, 0
+    checked_samples = checked_moved = False
     while steps < num_steps:
         for ids, mask, labels in dp_loader:
             if steps >= num_steps:
@@ -141,8 +271,7 @@ def _dp_steps(
             if rows == 0:
                 # An empty Poisson batch: no forward pass (BERT cannot take one), but the
                 # step still adds noise, as the accounting assumes.
-                for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
+                _empty_batch(params, per_sample)
             else:
                 width = int(mask.sum(dim=1).max())
                 ids, mask = ids[:, :width].to(model.device), mask[:, :width].to(model.device)
@@ -151,27 +280,32 @@ def _dp_steps(
                 logits = dp_module(**_per_example_inputs(ids, mask, accepted)).logits
                 loss = loss_fn(logits, labels.to(model.device))
                 loss.backward()
-                if steps == 0:
-                    _check_grad_samples(model, rows)
-                total += float(loss.detach())
+                if not checked_samples:
+                    _check_grad_samples(model, rows, per_sample)
+                    checked_samples = True
+                total += float(loss.detach()) * rows
                 seen += rows
-            if proximal_mu > 0:
-                _proximal_step(dp_optimizer, params, anchor, proximal_mu)
-            else:
-                dp_optimizer.step()
-            if steps == 0:
-                _check_moved(model, before)
-            steps += 1
-    return TrainResult(seen, steps, total / max(steps, 1))
+            if dp_optimizer.pre_step():  # the logical batch ended: p.grad is clipped, summed, noised
+                if proximal_mu > 0:
+                    with torch.no_grad():
+                        for p, a in zip(params, anchor, strict=True):
+                            cast(torch.Tensor, p.grad).add_(p - a, alpha=proximal_mu)
+                dp_optimizer.original_optimizer.step()
+                steps += 1
+                if not checked_moved and seen:
+                    _check_moved(model, before)
+                    checked_moved = True
+    return TrainResult(seen, steps, total / max(seen, 1))
 
 
-def _proximal_step(dp_optimizer: Any, params: list[Any], anchor: list[torch.Tensor], mu: float) -> None:
-    """Opacus' step with FedProx's gradient added after clipping and noise."""
-    if dp_optimizer.pre_step():  # clip per sample, sum, add noise, scale: p.grad is now private
-        with torch.no_grad():
-            for p, a in zip(params, anchor, strict=True):
-                p.grad.add_(p - a, alpha=mu)
-        dp_optimizer.original_optimizer.step()
+def _empty_batch(params: Sequence[torch.Tensor], per_sample: str) -> None:
+    """What a backward pass over no examples would leave: zero rows per sample (hooks,
+    functorch), a zero clipped sum (ghost, whose optimizer sums ``p.grad``)."""
+    for p in params:
+        if per_sample == _NORM_SAMPLE:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
 
 
 def _per_example_inputs(ids: torch.Tensor, mask: torch.Tensor, accepted: set[str]) -> dict[str, torch.Tensor]:
@@ -214,16 +348,20 @@ def _check_optimizer(model: FedModel, dp_optimizer: torch.optim.Optimizer) -> No
         )
 
 
-def _check_grad_samples(model: FedModel, batch: int) -> None:
+def _check_grad_samples(model: FedModel, batch: int, per_sample: str = _GRAD_SAMPLE) -> None:
+    """Every trainable tensor got per-sample information (``per_sample``: the attribute the
+    mode fills) with one row per example of the physical batch of ``batch`` rows."""
+    what = "gradient norm" if per_sample == _NORM_SAMPLE else "gradient"
     for name, p in model.params.items():
-        gs = getattr(p, "grad_sample", None)
+        gs = getattr(p, per_sample, None)
         if gs is None:
             raise PrivacyError(
-                f"no per-sample gradient for {name!r}: Opacus cannot handle the layer holding it"
+                f"no per-sample {what} for {name!r}: Opacus cannot handle the layer holding it"
             )
-        if gs.shape[0] != batch:
+        if gs.dim() == 0 or gs.shape[0] != batch:
+            rows = "a scalar" if gs.dim() == 0 else f"batch {gs.shape[0]}"
             raise PrivacyError(
-                f"per-sample gradient of {name!r} has batch {gs.shape[0]}, not {batch}: the layer mixes "
+                f"per-sample {what} of {name!r} has {rows}, not {batch}: the layer mixes "
                 "examples, so clipping would not bound one example's influence"
             )
 

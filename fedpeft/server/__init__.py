@@ -5,7 +5,9 @@
 * the wrappers, one per module: :mod:`~fedpeft.server.guard` (update guard),
   :mod:`~fedpeft.server.alpha` (server step tuned on validation data),
   :mod:`~fedpeft.server.transport` (codec), :mod:`~fedpeft.server.budget` (privacy
-  budget, Flower's central DP), :mod:`~fedpeft.server.tap` (strategy metrics),
+  budget), :mod:`~fedpeft.server.user_dp` (user-level DP: the mechanism registry,
+  DP-FedAvg) with :mod:`~fedpeft.server.ftrl` (DP-FTRL), :mod:`~fedpeft.server.sampling`
+  (Poisson client sampling), :mod:`~fedpeft.server.tap` (strategy metrics),
   :mod:`~fedpeft.server.resume` (round offset, node renaming);
 * :mod:`~fedpeft.server.discovery` (round 0), :mod:`~fedpeft.server.meter` (exact bytes,
   a Grid wrapper), :mod:`~fedpeft.server.recorder` (one record per round),
@@ -16,7 +18,7 @@ never imports it, and it never imports the apps.
 """
 
 from fedpeft.server.discovery import ClientDiscoveryError, Discovery, discover_clients
-from fedpeft.server.stack import ServerState, check_compatible, sampled_per_round, strategy_stack
+from fedpeft.server.stack import ServerState, check_compatible, server_picks_cohort, strategy_stack
 
 __all__ = [
     "ClientDiscoveryError",
@@ -24,6 +26,6 @@ __all__ = [
     "ServerState",
     "check_compatible",
     "discover_clients",
-    "sampled_per_round",
+    "server_picks_cohort",
     "strategy_stack",
 ]

@@ -4,11 +4,8 @@
 every reply, also those a codec later rejects).  It mirrors each client's ledger from the
 DP figures in its replies and, before a round, drops the train message of any client
 whose epsilon would pass ``dp.epsilon-budget`` after that round -- the client sits the
-round out and the round record says so -- instead of silently overspending.
-
-:func:`central_dp` wraps a strategy in Flower's own user-level DP wrappers (fixed or
-adaptive clipping, on the server or the client);
-:func:`fedpeft.privacy.accounting.central_epsilon` accounts for them.
+round out and the round record says so -- instead of silently overspending.  User-level
+(central) DP is :mod:`fedpeft.server.user_dp`.
 """
 
 from __future__ import annotations
@@ -18,14 +15,10 @@ from collections.abc import Iterable, Mapping
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
-    DifferentialPrivacyClientSideAdaptiveClipping,
-    DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideAdaptiveClipping,
-    DifferentialPrivacyServerSideFixedClipping,
     Strategy,
 )
 
-from fedpeft.config import ConfigError, DPConfig
+from fedpeft.config import DPConfig
 from fedpeft.privacy.accounting import Ledger, RoundPlan
 from fedpeft.server.rejections import RejectionLog
 from fedpeft.wire import METRICS_KEY
@@ -91,23 +84,3 @@ class PrivacyBudget(StrategyWrapper):
                     spent.noise_multiplier, spent.sample_rate, spent.steps
                 )
         return self.inner.aggregate_train(server_round, replies)
-
-
-def central_dp(inner: Strategy, dp: DPConfig, num_sampled: int) -> Strategy:
-    """Flower's user-level DP wrapper for ``dp.central-*`` around ``inner``."""
-    side = {
-        ("server", "fixed"): DifferentialPrivacyServerSideFixedClipping,
-        ("client", "fixed"): DifferentialPrivacyClientSideFixedClipping,
-        ("server", "adaptive"): DifferentialPrivacyServerSideAdaptiveClipping,
-        ("client", "adaptive"): DifferentialPrivacyClientSideAdaptiveClipping,
-    }[(dp.central_side, dp.central_clipping)]
-    try:
-        if dp.central_clipping == "fixed":
-            return side(inner, dp.central_noise_multiplier, dp.central_clipping_norm, num_sampled)
-        return side(
-            inner, dp.central_noise_multiplier, num_sampled, initial_clipping_norm=dp.central_clipping_norm
-        )
-    except ValueError as err:  # Flower checks the noise against the cohort size
-        raise ConfigError(
-            f"config keys 'dp.central-*' ({dp.central_clipping} clipping, {num_sampled} clients per round): {err}"
-        ) from err

@@ -10,10 +10,10 @@ from collections.abc import Callable
 from typing import Any
 
 from fedpeft.config import RunConfig
-from fedpeft.privacy import central_epsilon
 from fedpeft.server.alpha import AlphaSearch
 from fedpeft.server.budget import PrivacyBudget
 from fedpeft.server.tap import StrategyMetricsTap
+from fedpeft.server.user_dp import central_epsilon
 
 Figures = Callable[[int], dict[str, Any]]
 
@@ -40,7 +40,7 @@ def privacy_figures(
             out["epsilon_by_partition"] = eps
             out["max_epsilon"] = max(eps.values(), default=0.0)
         if cfg.dp.mode in ("central", "both"):
-            out["central_epsilon"] = central_epsilon(cfg.dp, server_round)
+            out["central_epsilon"] = central_epsilon(cfg, server_round)
         return out
 
     return figures

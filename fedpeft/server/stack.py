@@ -4,8 +4,10 @@ state the server checkpoints.
 Order, innermost first (one function, :func:`strategy_stack`, decides it):
 
 1. the strategy itself (registry name, ``module:Name``, functional);
-2. Flower's central DP wrapper (``dp.mode`` central / both): clips decoded dense updates,
-   so it sits inside the codec;
+   :class:`~fedpeft.server.sampling.PoissonSampling` around it (``client-sampling =
+   "poisson"``) picks each round's cohort;
+2. the user-level DP mechanism (``dp.mode`` central / both,
+   :mod:`fedpeft.server.user_dp`): clips decoded dense updates, so it sits inside the codec;
 3. :class:`~fedpeft.server.guard.UpdateGuard`: drops broken updates (NaN, wrong names or
    shapes, norms past the bound) before DP or the strategy sees them;
 4. :class:`~fedpeft.server.alpha.AlphaSearch` (``codec.alpha-search``): the server step
@@ -31,11 +33,13 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft.config import ConfigError, RunConfig
 from fedpeft.privacy import RoundPlan
 from fedpeft.server.alpha import AlphaSearch
-from fedpeft.server.budget import PrivacyBudget, central_dp
+from fedpeft.server.budget import PrivacyBudget
 from fedpeft.server.guard import UpdateGuard
 from fedpeft.server.rejections import RejectionLog
+from fedpeft.server.sampling import PoissonSampling
 from fedpeft.server.tap import StrategyMetricsTap
 from fedpeft.server.transport import CompressedTransport
+from fedpeft.server.user_dp import central_dp
 from strategies import build_strategy
 from strategies.traits import hand_client_ranks, traits_of, wrapper_chain
 
@@ -66,28 +70,34 @@ class ServerState:
         return next((s for s in wrapper_chain(self.strategy) if isinstance(s, AlphaSearch)), None)
 
 
-def sampled_per_round(cfg: RunConfig) -> int:
-    """How many clients FedAvg-style sampling picks per round."""
-    return max(int(cfg.num_clients * cfg.fraction_train), cfg.min_train_clients)
+def server_picks_cohort(cfg: RunConfig) -> bool:
+    """Whether a wrapper, not the strategy, picks each round's clients (Poisson sampling,
+    DP-FTRL's once-per-tree cohorts): the strategy then takes every node it is shown."""
+    return cfg.client_sampling == "poisson" or (
+        cfg.dp.mode in ("central", "both") and cfg.dp.central_mechanism == "tree"
+    )
 
 
 def strategy_stack(cfg: RunConfig, rejections: RejectionLog) -> tuple[Strategy, PrivacyBudget | None]:
     """The configured strategy inside its wrappers (order: the module docstring, up to the
     budget; :class:`ServerState` adds the tap), and the privacy budget among them (None
     without local DP)."""
+    picks = server_picks_cohort(cfg)
     strategy = build_strategy(
         cfg.strategy.name,
         user_kwargs=cfg.strategy.kwarg_dict(),
-        fraction_train=cfg.fraction_train,
-        min_train_nodes=cfg.min_train_clients,
-        min_available_nodes=cfg.num_clients,
+        fraction_train=1.0 if picks else cfg.fraction_train,
+        min_train_nodes=1 if picks else cfg.min_train_clients,
+        min_available_nodes=1 if picks else cfg.num_clients,
         fraction_evaluate=cfg.fraction_evaluate,
         min_evaluate_nodes=1,
         lora_alpha=cfg.lora.alpha,
     )
     check_compatible(cfg, strategy)
+    if cfg.client_sampling == "poisson":
+        strategy = PoissonSampling(strategy, cfg.fraction_train, cfg.seed)
     if cfg.dp.mode in ("central", "both"):
-        strategy = central_dp(strategy, cfg.dp, sampled_per_round(cfg))
+        strategy = central_dp(strategy, cfg)
     strategy = UpdateGuard(strategy, rejections, cfg.strategy.max_update_norm, cfg.min_replies)
     if cfg.server_tunes():
         strategy = AlphaSearch(strategy, cfg.codec.alpha_candidates())

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
+import torch
 
-from fedpeft.config import TrainConfig
+from fedpeft.config import ConfigError, RunConfig, TrainConfig
 from fedpeft.models import build_model
 from fedpeft.tasks import build_task
 from fedpeft.training import train_local
@@ -46,6 +47,33 @@ def test_training_lowers_the_loss_on_its_own_data(setup):
     )
     after = TASK.evaluate(model, data, 32)
     assert after.loss < before and 0.0 <= after.metrics["accuracy"] <= 1.0
+    model.load_exchange_state(init)
+
+
+def test_plain_sgd_steps_along_the_gradient(setup):
+    """train.optimizer = sgd: one step moves every tensor by exactly -lr x its gradient."""
+    _cfg, model, data = setup
+    init = model.exchange_state()
+    model.load_exchange_state(init)
+    module = model.module
+    module.train()
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))  # train_local's draw
+    inputs, targets = next(iter(data.batches(order[:8], 8, model.device)))
+    torch.manual_seed(0)  # and its dropout
+    TASK.loss(module(**inputs).logits, targets).backward()
+    grads = {k: p.grad.detach().clone() for k, p in model.params.items()}
+    for p in model.params.values():
+        p.grad = None
+    train_local(
+        model, data, TrainConfig(batch_size=8, max_steps=1, learning_rate=0.5, optimizer="sgd"), 0, task=TASK
+    )
+    after = model.exchange_state()
+    moved = [k for k in grads if grads[k].abs().sum() > 0]
+    assert moved
+    for k in moved:  # the same batch and dropout draw: the step is the gradient's
+        np.testing.assert_allclose(after[k] - init[k], -0.5 * grads[k].numpy(), atol=1e-5)
+    with pytest.raises(ConfigError, match="'train.optimizer'.*adamw, sgd"):
+        RunConfig.from_run_config({"train.optimizer": "lion"})
     model.load_exchange_state(init)
 
 

@@ -26,6 +26,7 @@ from fedpeft.models import (
     load_saved,
     resolve_model_path,
 )
+from fedpeft.privacy import dpsgd
 from fedpeft.tasks import build_task
 from fedpeft.training import Encoded, train_local
 from tests.conftest import TINY
@@ -162,6 +163,30 @@ def test_a_private_round_passes_the_guards_and_trains(method, model, data, base_
     assert [n for n, _ in model.module.named_parameters()] == names
     assert all(getattr(p, "grad_sample", None) is None for p in model.module.parameters())
     assert not any(m._forward_hooks or m._backward_hooks for m in model.module.modules())
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_ghost_clipping_in_physical_batches_trains_the_method_or_is_refused_by_name(
+    method, model, data, base_cfg
+):
+    """Ghost clipping (per-sample norms only: where methods break, e.g. peft's expanded
+    prefix ids) in physical batches of 2, or a refusal naming the modes the method can use
+    (every mode on LoRA: tests/unit/privacy/test_dpsgd.py)."""
+    loss = build_task(base_cfg.task.name).loss
+    plan = privacy.RoundPlan(noise_multiplier=1.0, sample_rate=4 / len(data), steps=1)
+    dp = dataclasses.replace(base_cfg.dp, grad_sample_mode="ghost", max_physical_batch_size=2)
+    working = dpsgd.grad_sample_modes(method)
+    if "ghost" not in working:
+        with pytest.raises(privacy.PrivacyError, match=f"valid for '{method}': {', '.join(working)}"):
+            privacy.train_private(model, data, base_cfg.train, plan, dp, seed=0, loss=loss)
+        return
+    before = model.exchange_state()
+    result = privacy.train_private(model, data, base_cfg.train, plan, dp, seed=0, loss=loss)
+    after = model.exchange_state()
+    assert result.steps == 1
+    assert all(not np.array_equal(before[k], after[k]) for k in before)
+    assert all(getattr(p, "grad_sample", None) is None for p in model.module.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.module.modules())
 
 
 def test_adapters_start_as_the_pretrained_model_and_follow_placement(base_cfg):
