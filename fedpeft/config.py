@@ -729,7 +729,7 @@ class RunConfig(Section):
                 "config key 'dp.central-mechanism' = 'tree' sets the server update itself (the noisy "
                 f"prefix sum of the mean clipped updates); use strategy.name = 'fedavg', not {self.strategy.name!r}"
             )
-        cohort = max(int(self.num_clients * self.fraction_train), self.min_train_clients)
+        cohort = self.fixed_cohort()
         per_tree = dp.tree_restart_rounds or self.num_rounds
         if cohort * per_tree > self.num_clients:
             raise ConfigError(
@@ -753,6 +753,10 @@ class RunConfig(Section):
                 "config key 'lm.packing' cannot be used with local DP-SGD (dp.mode local/both): a packed row "
                 "holds several examples, and DP-SGD clips per row, so one example's privacy would not be bounded"
             )
+
+    def fixed_cohort(self) -> int:
+        """Clients per round under fixed-size sampling (Flower's FedAvg rule)."""
+        return max(int(self.num_clients * self.fraction_train), self.min_train_clients)
 
     def server_tunes(self) -> bool:
         """Whether the server tunes anything on a validation split (the codec's alpha)."""

@@ -32,6 +32,7 @@ def privacy_figures(
     """Per-round privacy fields (None when DP is off)."""
     if cfg.dp.mode == "off":
         return None
+    central = central_epsilon(cfg) if cfg.dp.mode in ("central", "both") else None
 
     def figures(server_round: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -39,8 +40,8 @@ def privacy_figures(
             eps = {str(partition_of.get(n, n)): e for n, e in sorted(budget.epsilons().items())}
             out["epsilon_by_partition"] = eps
             out["max_epsilon"] = max(eps.values(), default=0.0)
-        if cfg.dp.mode in ("central", "both"):
-            out["central_epsilon"] = central_epsilon(cfg, server_round)
+        if central is not None:
+            out["central_epsilon"] = central(server_round)
         return out
 
     return figures

@@ -39,7 +39,7 @@ def cohort_size(cfg: RunConfig) -> float:
     """Clients per round: exact for fixed-size sampling, expected for Poisson."""
     if cfg.client_sampling == "poisson":
         return cfg.fraction_train * cfg.num_clients
-    return float(max(int(cfg.num_clients * cfg.fraction_train), cfg.min_train_clients))
+    return float(cfg.fixed_cohort())
 
 
 def denominator(cfg: RunConfig) -> int:
@@ -69,10 +69,12 @@ def central_noise(cfg: RunConfig) -> float:
     return user_level(cfg).noise_for(dp.central_target_epsilon, cfg.num_rounds, dp.delta, dp.accountant)
 
 
-def central_epsilon(cfg: RunConfig, rounds: int) -> float:
-    """User-level epsilon after ``rounds`` rounds of this run (every configured round counts,
-    also one whose Poisson cohort was empty)."""
-    return user_level(cfg).epsilon(central_noise(cfg), rounds, cfg.dp.delta, cfg.dp.accountant)
+def central_epsilon(cfg: RunConfig) -> Callable[[int], float]:
+    """rounds -> user-level epsilon after that many rounds of this run (every configured
+    round counts, also one whose Poisson cohort was empty).  The noise (a bisection when
+    ``dp.central-target-epsilon`` is set) is resolved once, here, not per round."""
+    level, noise = user_level(cfg), central_noise(cfg)
+    return lambda rounds: level.epsilon(noise, rounds, cfg.dp.delta, cfg.dp.accountant)
 
 
 class FixedDenominator(StrategyWrapper):
