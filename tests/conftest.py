@@ -47,9 +47,19 @@ TINY_LLM: dict[str, bool | int | float | str] = TINY | {
 }
 
 
+# The same for the image-classification task: the packaged DINOv2-S/14 on 240 Fashion-MNIST
+# images at 28 px (a 2 x 2 patch grid: five tokens per image).
+TINY_VISION: dict[str, bool | int | float | str] = TINY | {
+    "task.name": "image-classification",
+    "model.name": "dinov2-small",
+    "model.image-size": 28,
+    "data.dataset": "fashion-mnist",
+}
+
+
 def tiny_for(model_kind: str) -> dict[str, bool | int | float | str]:
     """The tiny overrides for a task whose model is ``model_kind``."""
-    return TINY_LLM if model_kind == "causal-lm" else TINY
+    return {"causal-lm": TINY_LLM, "image-classification": TINY_VISION}.get(model_kind, TINY)
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from fedpeft.models import FedModel, model_cache_info
 from fedpeft.runtime import derive_seed, quiet_libraries
 from fedpeft.tasks import Evaluation, Examples, get_task
 from fedpeft.tasks.model import task_model
-from fedpeft.training import Encoded, train_local
+from fedpeft.training import train_local
 from fedpeft.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, from_record, to_record
 
 app = ClientApp()
@@ -153,10 +153,6 @@ def train(msg: Message, context: Context) -> Message:
     dp_metrics: dict[str, int | float | list[int] | list[float]] = {}
     if _local_dp(cfg):
         plan = _plan(cfg, len(data))
-        if not isinstance(data, Encoded):  # Opacus' loop reads token ids, masks and labels
-            raise TypeError(
-                f"local DP-SGD trains on tokenized text; task {cfg.task.name!r} gives {type(data)}"
-            )
         result = privacy.train_private(
             model, data, cfg.train, plan, cfg.dp, seed, _proximal_mu(msg), loss=get_task(cfg).loss
         )

@@ -433,6 +433,12 @@ def subsample(ds: TextDataset, max_examples: int, seed: int) -> TextDataset:
     return select_rows(ds, rows)
 
 
+def _is_image_source(name: str) -> bool:
+    from fedpeft.data.images import is_image_source  # images builds on this module
+
+    return is_image_source(name)
+
+
 def _looks_like_file(name: str) -> bool:
     return name.lower().endswith(LOCAL_SUFFIXES)
 
@@ -450,6 +456,11 @@ def _load_cached(cfg: DataConfig, seed: int) -> TextDataset:
                 f"(resolved to {path.resolve()}); built-in sources: {', '.join(sorted(SOURCES))}"
             )
         ds = _read_local(path, cfg)
+    elif _is_image_source(name):
+        raise ConfigError(
+            f"config key 'data.dataset': {name!r} holds images, not text; set task.name = "
+            "'image-classification' to train on it"
+        )
     else:
         ds = _load_hub(name, cfg)
     ds = keep_top_classes(ds, cfg.num_classes)

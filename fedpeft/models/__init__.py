@@ -20,18 +20,25 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from fedpeft.config import ConfigError, RunConfig
 from fedpeft.models.backbone import (
     MODEL_KINDS,
     backbone_dtype,
     load_pretrained,
-    load_tokenizer,
+    load_processor,
     resolve_model_path,
 )
 from fedpeft.models.lora_layout import LoraLayout
-from fedpeft.models.methods import METHODS, canonical_name, get_method, register_method
+from fedpeft.models.methods import (
+    METHODS,
+    canonical_name,
+    check_modality,
+    get_method,
+    methods_for,
+    register_method,
+)
+from fedpeft.models.vision import interpolate_always
 from fedpeft.runtime import resolve_device
 
 __all__ = [
@@ -44,6 +51,7 @@ __all__ = [
     "get_method",
     "get_model",
     "load_saved",
+    "methods_for",
     "register_method",
     "resolve_model_path",
 ]
@@ -61,7 +69,8 @@ class FedModel:
     """A trainable model and the canonical, sorted set of tensors it exchanges."""
 
     module: nn.Module
-    tokenizer: PreTrainedTokenizerBase
+    # The tokenizer, or an image model's image processor: what save() writes beside the weights.
+    tokenizer: Any
     method: str
     device: torch.device
     # What the backbone was loaded as (``MODEL_KINDS``): the learning task's model.
@@ -182,6 +191,9 @@ def build_model(
     their updates away; ``bitfit`` and ``full`` train the backbone's own tensors, in its dtype.
     """
     method = get_method(cfg.peft.method)
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {kind!r} (valid: {', '.join(MODEL_KINDS)})")
+    check_modality(method, kind)
     dev = resolve_device(device or cfg.device)
     base = load_pretrained(
         cfg.model.name, kind, num_labels, seed=cfg.seed, dtype=backbone_dtype(cfg.model.dtype, dev)
@@ -192,6 +204,8 @@ def build_model(
         # Training and scoring never reuse keys and values (generate() turns the cache on
         # itself); without a cache, packed rows get their block-diagonal masks.
         base.config.use_cache = False
+    if kind == "image-classification":
+        interpolate_always(base)  # any model.image-size, for every ViT family
     if cfg.model.gradient_checkpointing:
         if not base.supports_gradient_checkpointing:
             raise ConfigError(
@@ -211,7 +225,7 @@ def build_model(
                 raise ExchangeError(f"two trainable parameters share the exchanged name {key!r}")
             params[key] = p
     model = FedModel(
-        module, load_tokenizer(cfg.model.name), method.name, dev, kind, dict(sorted(params.items()))
+        module, load_processor(cfg.model.name, kind), method.name, dev, kind, dict(sorted(params.items()))
     )
     model.initial_state = model.exchange_state()
     model.lora = LoraLayout.of(module)

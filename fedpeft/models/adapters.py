@@ -9,8 +9,9 @@ per-sample-gradient hooks handle as they are.
 Where: after the attention output projection and/or after the feed-forward output
 projection, before the dropout, residual connection and normalisation that follow --
 Houlsby's placement.  The projections are found by name, per family (:data:`SITES`):
-BERT-style encoders (BERT, RoBERTa, MiniLM: ``attention.output.dense`` / ``output.dense``)
-and Llama-style decoders (Llama, SmolLM2, Mistral, Qwen, Gemma: ``self_attn.o_proj`` /
+BERT-style encoders (BERT, RoBERTa, MiniLM: ``attention.output.dense`` / ``output.dense``),
+vision transformers (ViT, DeiT, DINOv2: ``attention.o_proj`` / ``mlp.fc2``, before DINOv2's
+layer scale) and Llama-style decoders (Llama, SmolLM2, Mistral, Qwen, Gemma: ``self_attn.o_proj`` /
 ``mlp.down_proj``).
 """
 
@@ -62,6 +63,8 @@ class AdaptedLinear(nn.Linear):
 #: (attention output projection, feed-forward output projection) name suffixes, per family.
 SITES: tuple[tuple[str, str], ...] = (
     (".attention.output.dense", ".output.dense"),  # BERT-style encoders
+    (".attention.o_proj", ".mlp.fc2"),  # ViT, DeiT, DINOv2 (transformers 5 names)
+    (".attention.o_proj", ".mlp.weights_out"),  # DINOv2 giant (SwiGLU blocks)
     (".self_attn.o_proj", ".mlp.down_proj"),  # Llama-style decoders
 )
 
@@ -96,8 +99,9 @@ def add_adapters(model: nn.Module, bottleneck: int, placement: str, activation: 
     sites = _sites(model, placement)
     if not sites:
         raise ConfigError(
-            "peft.method 'adapter' needs BERT-style ('attention.output.dense' / 'output.dense') or "
-            "Llama-style ('self_attn.o_proj' / 'mlp.down_proj') projections; this model has none for "
+            "peft.method 'adapter' needs BERT-style ('attention.output.dense' / 'output.dense'), ViT-style "
+            "('attention.o_proj' / 'mlp.fc2') or Llama-style ('self_attn.o_proj' / 'mlp.down_proj') "
+            "projections; this model has none for "
             f"placement {placement!r}"
         )
     for name in sites:

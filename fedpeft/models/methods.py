@@ -19,6 +19,13 @@ one config dataclass per method in :mod:`fedpeft.config`.
   by hand (:mod:`fedpeft.models.adapters`) since peft has none.
 * ``bitfit`` -- BitFit (Ben Zaken et al., 2022): every bias of the backbone.
 * ``head``  -- the classification head alone (linear probing).
+* ``vpt``   -- visual prompt tuning (Jia et al., 2022), FedPEFT's "prompt" for vision
+  transformers; written by hand (:mod:`fedpeft.models.vpt`) since peft has none.
+
+Each method names the modalities it applies to (``text``, ``image``): peft's prompt,
+prefix and (IA)^3 tuners act on token sequences (``input_ids``), VPT on a patch sequence;
+LoRA, adapters, BitFit, the head and full fine-tuning apply to both.  A method asked for
+on a model it does not fit is refused by name, with the methods that do.
 
 Every method trains (and exchanges) the classification head of a sequence classifier
 too, under the names ``classifier.weight`` / ``classifier.bias`` (``score.*`` for
@@ -54,6 +61,8 @@ from transformers import PreTrainedModel
 from fedpeft.config import ConfigError, RunConfig, unknown_choice
 from fedpeft.models.adapters import add_adapters
 from fedpeft.models.grad_sample import GradSampleHooks, ia3_grad_sample_hooks
+from fedpeft.models.vision import MODALITIES, is_image_model
+from fedpeft.models.vpt import add_visual_prompts
 
 ApplyFn = Callable[[PreTrainedModel, RunConfig], nn.Module]
 
@@ -70,6 +79,8 @@ class PeftMethod:
     # Per-sample gradients the method computes itself under DP-SGD (see
     # :mod:`fedpeft.models.grad_sample`); None where Opacus' own hooks reach every tensor.
     grad_sample_hooks: GradSampleHooks | None = None
+    # The kinds of model it applies to (``fedpeft.models.vision.MODALITIES`` values).
+    modalities: frozenset[str] = frozenset({"text", "image"})
 
 
 METHODS: dict[str, PeftMethod] = {}
@@ -81,16 +92,34 @@ def register_method(
     *,
     is_peft_adapter: bool,
     grad_sample_hooks: GradSampleHooks | None = None,
+    modalities: tuple[str, ...] = ("text", "image"),
 ) -> Callable[[ApplyFn], ApplyFn]:
     """Decorator: add ``apply`` to the registry under ``name``."""
 
     def wrap(fn: ApplyFn) -> ApplyFn:
         if name in METHODS:
             raise ValueError(f"PEFT method {name!r} is already registered")
-        METHODS[name] = PeftMethod(name, fn, description, is_peft_adapter, grad_sample_hooks)
+        METHODS[name] = PeftMethod(
+            name, fn, description, is_peft_adapter, grad_sample_hooks, frozenset(modalities)
+        )
         return fn
 
     return wrap
+
+
+def methods_for(modality: str) -> list[str]:
+    """The registered methods that apply to models of ``modality`` ("text", "image")."""
+    return sorted(name for name, m in METHODS.items() if modality in m.modalities)
+
+
+def check_modality(method: PeftMethod, kind: str) -> None:
+    """Refuse ``method`` on a model of ``kind`` it does not apply to, naming those that do."""
+    modality = MODALITIES[kind]
+    if modality not in method.modalities:
+        raise ConfigError(
+            f"config key 'peft.method': {method.name!r} applies to {' and '.join(sorted(method.modalities))} "
+            f"models, not to this {kind} model (valid for {modality}: {', '.join(methods_for(modality))})"
+        )
 
 
 def get_method(name: str) -> PeftMethod:
@@ -128,11 +157,30 @@ def task_type(model: nn.Module) -> TaskType:
     return TaskType.CAUSAL_LM if callable(can_generate) and can_generate() else TaskType.SEQ_CLS
 
 
-def lora_targets(spec: tuple[str, ...]) -> list[str] | str | None:
+def peft_task(model: nn.Module) -> dict[str, Any]:
+    """The task arguments of a peft config for ``model``.
+
+    peft's task models pass ``input_ids`` to the base model, which an image model does not
+    take: an image classifier gets peft's generic model (no task type, as in peft's image
+    classification guide), its head kept trainable through ``modules_to_save``.
+    """
+    if is_image_model(model):
+        head = _head_prefix(model)
+        return {"task_type": None, "modules_to_save": [head.rstrip(".")] if head else None}
+    return {"task_type": task_type(model)}
+
+
+#: LoRA's "auto" targets where peft has no default for the architecture: the query and
+#: value projections of ViT, DeiT and DINOv2 (as peft's default for BERT), transformers 5 names.
+_VISION_LORA_TARGETS = ["q_proj", "v_proj"]
+
+
+def lora_targets(spec: tuple[str, ...], model: nn.Module | None = None) -> list[str] | str | None:
     """``lora.target-modules`` as peft takes it: "auto" is None (peft's default for the
-    architecture), "all-linear" is peft's own keyword, else the module names."""
+    architecture; query and value for a vision transformer), "all-linear" is peft's own
+    keyword, else the module names."""
     if spec == ("auto",):
-        return None
+        return list(_VISION_LORA_TARGETS) if model is not None and is_image_model(model) else None
     if spec == ("all-linear",):
         return "all-linear"
     return list(spec)
@@ -142,11 +190,11 @@ def lora_targets(spec: tuple[str, ...]) -> list[str] | str | None:
 def _lora(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     """LoRA, Hu et al. (2021), "LoRA: Low-Rank Adaptation of Large Language Models"."""
     lora = LoraConfig(
-        task_type=task_type(model),
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # peft annotates int; a float scale works
         lora_dropout=cfg.lora.dropout,
-        target_modules=lora_targets(cfg.lora.target_modules),
+        target_modules=lora_targets(cfg.lora.target_modules, model),
+        **peft_task(model),
     )
     try:
         wrapped = get_peft_model(model, lora)
@@ -163,8 +211,11 @@ def _lora(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
 
 @register_method("full", "full fine-tuning: every parameter trains and travels", is_peft_adapter=False)
 def _full(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
-    for p in model.parameters():
-        p.requires_grad_(True)
+    for name, p in model.named_parameters():
+        # A ViT's mask token enters only masked-image-modelling pre-training, never a
+        # classifier's forward pass: it would travel every round without ever changing
+        # (and DP-SGD's ghost clipping refuses a parameter that gets no gradient).
+        p.requires_grad_(not (is_image_model(model) and name.endswith("embeddings.mask_token")))
     return model
 
 
@@ -202,7 +253,12 @@ _PER_ROW: dict[type, type] = {
 }
 
 
-@register_method("prompt", "prompt tuning (HF peft): soft prompt tokens + the head", is_peft_adapter=True)
+@register_method(
+    "prompt",
+    "prompt tuning (HF peft): soft prompt tokens + the head",
+    is_peft_adapter=True,
+    modalities=("text",),
+)
 def _prompt(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     """Prompt tuning, Lester et al. (2021), "The Power of Scale for Parameter-Efficient Prompt Tuning".
 
@@ -219,7 +275,10 @@ def _prompt(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
 
 
 @register_method(
-    "prefix", "prefix tuning (HF peft): trained keys/values in every layer + the head", is_peft_adapter=True
+    "prefix",
+    "prefix tuning (HF peft): trained keys/values in every layer + the head",
+    is_peft_adapter=True,
+    modalities=("text",),
 )
 def _prefix(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     """Prefix tuning, Li & Liang (2021), "Prefix-Tuning: Optimizing Continuous Prompts for Generation".
@@ -241,6 +300,7 @@ def _prefix(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     "(IA)^3 (HF peft): rescaling vectors of keys, values, FFN + the head",
     is_peft_adapter=True,
     grad_sample_hooks=ia3_grad_sample_hooks,  # peft's vectors sit where Opacus cannot hook them
+    modalities=("text",),
 )
 def _ia3(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     """(IA)^3, Liu et al. (2022), "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper
@@ -306,6 +366,19 @@ def _head(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
             "has none (its output layer is the tied token embedding); choose lora, ia3, prompt, prefix or adapter"
         )
     return _train_only(model, lambda name: False)
+
+
+@register_method(
+    "vpt",
+    "visual prompt tuning: learnable tokens after the class token, first or every layer + the head",
+    is_peft_adapter=False,
+    modalities=("image",),
+)
+def _vpt(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
+    """Visual prompt tuning, Jia et al. (2022), "Visual Prompt Tuning" -- shallow or deep
+    (``vpt.depth``), ``vpt.num-tokens`` per set.  See :mod:`fedpeft.models.vpt`."""
+    add_visual_prompts(model, cfg.vpt.num_tokens, cfg.vpt.depth)
+    return _train_only(model, lambda name: ".vpt." in f".{name}")
 
 
 # The classification head of transformers' sequence classifiers (the names peft's SEQ_CLS

@@ -42,7 +42,8 @@ from fedpeft.config import ConfigError, DPConfig, TrainConfig
 from fedpeft.models import FedModel, get_method
 from fedpeft.models.grad_sample import GradSampleError
 from fedpeft.privacy.accounting import PrivacyError, RoundPlan
-from fedpeft.training import Encoded, TrainResult, make_optimizer
+from fedpeft.tasks.base import Examples
+from fedpeft.training import TrainResult, make_optimizer
 
 #: ``(logits, targets) -> mean loss``: the learning task's training loss.
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -85,7 +86,7 @@ def check_grad_sample_mode(method: str, mode: str) -> None:
 
 def train_private(
     model: FedModel,
-    data: Encoded,
+    data: Examples,
     train: TrainConfig,
     plan: RoundPlan,
     dp: DPConfig,
@@ -119,7 +120,9 @@ def train_private(
     module.train()
     params = list(model.params.values())
     optimizer = make_optimizer(train, params)
-    dataset = TensorDataset(data.input_ids, data.attention_mask, data.labels)
+    # Opacus samples row numbers (Poisson); the task's examples turn them into a batch, so
+    # any task's data (token ids, images) goes through the same loop.
+    dataset = TensorDataset(torch.arange(len(data)))
     loader = DataLoader(dataset, batch_size=train.batch_size, generator=torch.Generator().manual_seed(seed))
     # Ghost clipping's loss must be the criterion make_private returns (a plain loss would
     # not be clipped at all); it wraps the task's loss, given per example.
@@ -169,6 +172,7 @@ def train_private(
             warnings.filterwarnings("ignore", message="CPU Autocast only supports")
             return _dp_steps(
                 model,
+                data,
                 dp_module,
                 dp_optimizer,
                 dp_loader,
@@ -239,6 +243,7 @@ _NORM_SAMPLE = "_norm_sample"  # ghost: each example's gradient norm (Opacus 1.6
 
 def _dp_steps(
     model: FedModel,
+    data: Examples,
     dp_module: Any,
     dp_optimizer: Any,
     dp_loader: Any,
@@ -263,22 +268,19 @@ def _dp_steps(
     steps, total, seen = 0, 0.0, 0
     checked_samples = checked_moved = False
     while steps < num_steps:
-        for ids, mask, labels in dp_loader:
+        for (order,) in dp_loader:
             if steps >= num_steps:
                 break
             dp_optimizer.zero_grad(set_to_none=True)
-            rows = int(labels.shape[0])
+            rows = int(order.shape[0])
             if rows == 0:
                 # An empty Poisson batch: no forward pass (BERT cannot take one), but the
                 # step still adds noise, as the accounting assumes.
                 _empty_batch(params, per_sample)
             else:
-                width = int(mask.sum(dim=1).max())
-                ids, mask = ids[:, :width].to(model.device), mask[:, :width].to(model.device)
-                if labels.dim() == 2:  # token targets (a causal LM): trimmed like the inputs
-                    labels = labels[:, :width]
-                logits = dp_module(**_per_example_inputs(ids, mask, accepted)).logits
-                loss = loss_fn(logits, labels.to(model.device))
+                inputs, labels = next(iter(data.batches(order, rows, model.device)))
+                logits = dp_module(**_per_example_inputs(inputs, accepted)).logits
+                loss = loss_fn(logits, labels)
                 loss.backward()
                 if not checked_samples:
                     _check_grad_samples(model, rows, per_sample)
@@ -308,15 +310,19 @@ def _empty_batch(params: Sequence[torch.Tensor], per_sample: str) -> None:
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
 
 
-def _per_example_inputs(ids: torch.Tensor, mask: torch.Tensor, accepted: set[str]) -> dict[str, torch.Tensor]:
-    """Inputs with one row per example for every embedding that trains.
+def _per_example_inputs(inputs: dict[str, torch.Tensor], accepted: set[str]) -> dict[str, torch.Tensor]:
+    """A batch's inputs with one row per example for every embedding that trains.
 
     BERT-style models look position and token-type embeddings up with a (1, L) buffer
     broadcast over the batch, so Opacus sees a batch of 1 for those tables ("per-sample"
     gradient of the whole batch).  Passing explicit (B, L) ids makes each example its own
-    row; it changes nothing in the forward pass.
+    row; it changes nothing in the forward pass.  Inputs without token ids (images) pass as
+    they are.
     """
-    inputs = {"input_ids": ids, "attention_mask": mask}
+    if "input_ids" not in inputs or "position_ids" in inputs:
+        return inputs
+    ids = inputs["input_ids"]
+    inputs = dict(inputs)
     batch, width = ids.shape
     if "position_ids" in accepted:
         inputs["position_ids"] = torch.arange(width, device=ids.device).expand(batch, width).contiguous()

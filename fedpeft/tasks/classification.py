@@ -24,7 +24,19 @@ from fedpeft.tasks.base import Evaluation, Examples
 from fedpeft.training import Encoded, forward_batches
 
 
-class SequenceClassification:
+class LabelObjective:
+    """The objective of a task with one label per example: cross-entropy; accuracy."""
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the batch."""
+        return F.cross_entropy(logits, targets)
+
+    def evaluate(self, model: FedModel, data: Examples, batch_size: int) -> Evaluation:
+        """Mean cross-entropy loss and accuracy of ``model`` on ``data``."""
+        return evaluate_labels(model, data, batch_size)
+
+
+class SequenceClassification(LabelObjective):
     """The :class:`~fedpeft.tasks.base.Task` of a labelled text corpus (``data.*`` keys)."""
 
     model_kind = "sequence-classification"
@@ -51,20 +63,17 @@ class SequenceClassification:
         """Size and label histogram of every client's partition."""
         return splits.client_stats(load_source, cfg)
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the batch."""
-        return F.cross_entropy(logits, targets)
 
-    @torch.no_grad()
-    def evaluate(self, model: FedModel, data: Examples, batch_size: int) -> Evaluation:
-        """Mean cross-entropy loss and accuracy of ``model`` on ``data``."""
-        loss_sum, correct = 0.0, 0
-        for raw, labels in forward_batches(model, data, batch_size):
-            logits = raw.float()
-            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-            correct += int((logits.argmax(dim=-1) == labels).sum())
-        n = max(len(data), 1)
-        return Evaluation(loss_sum / n, {"accuracy": correct / n})
+@torch.no_grad()
+def evaluate_labels(model: FedModel, data: Examples, batch_size: int) -> Evaluation:
+    """Mean cross-entropy loss and accuracy of a classifier on labelled examples (text or images)."""
+    loss_sum, correct = 0.0, 0
+    for raw, labels in forward_batches(model, data, batch_size):
+        logits = raw.float()
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(dim=-1) == labels).sum())
+    n = max(len(data), 1)
+    return Evaluation(loss_sum / n, {"accuracy": correct / n})
 
 
 # ---------------------------------------------------------------------- data, cached per process

@@ -34,6 +34,10 @@ TASKS: dict[str, TaskSpec] = {
         "fedpeft.tasks.classification:SequenceClassification",
         "one label per text (cross-entropy; accuracy)",
     ),
+    "image-classification": TaskSpec(
+        "fedpeft.tasks.image_classification:ImageClassification",
+        "one label per image, a vision transformer (cross-entropy; accuracy)",
+    ),
     "causal-lm": TaskSpec(
         "fedpeft.tasks.causal_lm:CausalLM",
         "instruction tuning of a causal LM (loss on response tokens; perplexity, exact match)",

@@ -99,7 +99,8 @@ def test_full_fine_tuning_under_dp_gets_per_example_embedding_gradients():
     model = build_model(cfg, task.num_outputs(cfg))
     data = task.client_train_set(cfg, 0, 3)
     inputs = dpsgd._per_example_inputs(
-        data.input_ids[:4], data.attention_mask[:4], dpsgd._forward_params(model)
+        {"input_ids": data.input_ids[:4], "attention_mask": data.attention_mask[:4]},
+        dpsgd._forward_params(model),
     )
     assert inputs["position_ids"].shape == inputs["input_ids"].shape
     model.module.eval()
