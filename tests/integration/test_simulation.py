@@ -214,3 +214,24 @@ def test_differential_privacy_on_ray(tmp_path, dp):
         assert all(c["metrics"]["dp-epsilon"] > 0 for c in rounds[2]["clients"])
     else:
         assert 0 < rounds[1]["central_epsilon"] < rounds[2]["central_epsilon"]
+
+
+def test_a_vision_federation_on_ray_loads_back_and_predicts(tmp_path):
+    """FedPEFT's setting on Ray: DINOv2-S/14 with deep visual prompts, 3 clients on
+    Fashion-MNIST; the saved model is rebuilt and gives the server's last accuracy."""
+    from fedpeft.config import RunConfig
+    from fedpeft.models import load_saved
+    from fedpeft.tasks import get_task
+    from tests.conftest import TINY_VISION
+
+    overrides = TINY_VISION | {"peft.method": "vpt", "vpt.depth": "deep", "train.learning-rate": 3e-3}
+    run_dir = simulate(
+        overrides | {"results-dir": str(tmp_path), "run-name": "vision"}, RayOptions(num_cpus=2)
+    )
+    rounds = read_rounds(run_dir)
+    assert all(r["num_replied"] == 3 and r["num_failed"] == 0 for r in rounds[1:])
+    assert rounds[-1]["accuracy"] > 1 / 10  # above chance on 10 classes
+    cfg = RunConfig.from_run_config(overrides)
+    task = get_task(cfg)
+    model = load_saved(run_dir / "adapter")
+    assert task.evaluate(model, task.server_test_set(cfg), 64).metrics["accuracy"] == rounds[-1]["accuracy"]
