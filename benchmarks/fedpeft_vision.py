@@ -104,16 +104,22 @@ def main() -> None:
     ap.add_argument("--partitions", default=",".join(PARTITIONS))
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--fresh", action="store_true", help="rerun rows already in the results file")
+    ap.add_argument("--tag", default="", help="suffix of the results files (runs in parallel write apart)")
+    ap.add_argument("--merge", default="", help="comma-separated tags whose rows join this table")
     ap.add_argument("--probe", action="store_true", help="choose the learning rates (short central runs)")
     args = ap.parse_args()
     quiet_libraries()
     if args.probe:
         probe(args)
         return
-    path = RESULTS / f"{NAME}.json"
+    path = RESULTS / f"{NAME}{args.tag}.json"
     records: list[dict[str, Any]] = (
         [] if args.fresh or not path.is_file() else json.loads(path.read_text())["records"]
     )
+    for tag in filter(None, args.merge.split(",")):
+        known = {(r["partition"], r["method"], r["seed"]) for r in records}
+        extra = json.loads((RESULTS / f"{NAME}{tag}.json").read_text())["records"]
+        records += [r for r in extra if (r["partition"], r["method"], r["seed"]) not in known]
     done = {(r["partition"], r["method"], r["seed"]) for r in records}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -134,6 +140,7 @@ def main() -> None:
                     records.append(rec)
                     print(_line(rec), flush=True)
                     _report(records, args)  # after every row: an interrupted run keeps what it measured
+    _report(records, args)
 
 
 def _trainable(run_dir: Path) -> int:
@@ -227,8 +234,8 @@ def _report(records: list[dict[str, Any]], args: argparse.Namespace) -> None:
     out = f"{header}\n\n{table(headers, text_rows)}\n"
     print(out, flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{NAME}.md").write_text(out)
-    write(NAME, {"settings": vars(args), "summary": rows, "records": records})
+    (RESULTS / f"{NAME}{args.tag}.md").write_text(out)
+    write(f"{NAME}{args.tag}", {"settings": vars(args), "summary": rows, "records": records})
 
 
 def probe(args: argparse.Namespace) -> None:

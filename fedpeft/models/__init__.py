@@ -159,8 +159,10 @@ class FedModel:
         A peft adapter loads back with ``PeftModel.from_pretrained(base, path)`` where
         ``base`` is ``AutoModelForSequenceClassification.from_pretrained(<model>,
         num_labels=<K>)`` (a causal LM: ``AutoModelForCausalLM.from_pretrained(<model>)``,
-        ``<model>`` from :func:`resolve_model_path`).  Next to it: the exchanged tensors (``exchanged.safetensors``)
-        and, given ``cfg``, the run config that rebuilds the model (:func:`load_saved`).
+        ``<model>`` from :func:`resolve_model_path`; an image model:
+        ``AutoModelForImageClassification``, with its image processor saved in place of a
+        tokenizer).  Next to it: the exchanged tensors (``exchanged.safetensors``) and, given
+        ``cfg``, the run config that rebuilds the model (:func:`load_saved`).
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,8 @@ class Task(Protocol):
     """
 
     #: What the backbone is loaded as (``fedpeft.models.MODEL_KINDS``): "sequence-classification"
-    #: (a K-way head) or "causal-lm" (the LM with its own output layer).
+    #: (a K-way head), "causal-lm" (the LM with its own output layer) or "image-classification"
+    #: (a vision transformer with a K-way head).
     model_kind: str
 
     # ------------------------------------------------------------------ data
