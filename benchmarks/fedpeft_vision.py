@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="rerun rows already in the results file")
     ap.add_argument("--tag", default="", help="suffix of the results files (runs in parallel write apart)")
     ap.add_argument("--merge", default="", help="comma-separated tags whose rows join this table")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the table from the results files")
     ap.add_argument("--probe", action="store_true", help="choose the learning rates (short central runs)")
     args = ap.parse_args()
     quiet_libraries()
@@ -121,6 +122,9 @@ def main() -> None:
         extra = json.loads((RESULTS / f"{NAME}{tag}.json").read_text())["records"]
         records += [r for r in extra if (r["partition"], r["method"], r["seed"]) not in known]
     done = {(r["partition"], r["method"], r["seed"]) for r in records}
+    if args.report_only:
+        _report(records, args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for seed in (int(s) for s in args.seeds.split(",")):
             for part in args.partitions.split(","):
