@@ -117,20 +117,24 @@ def pixels(cfg: RunConfig, rows: datasets.Dataset) -> Pixels:
     size = check_image_size(cfg)
     index, labels = label_array(rows, "image"), label_array(rows)
     store = image_store(cfg.data)
-    images = resize(store.get(index), size, store.channels)
+    # A store of one size is one array: index it, rather than split it into images and stack them again.
+    chosen = store.images[index] if isinstance(store.images, np.ndarray) else store.get(index)
+    images = resize(chosen, size, store.channels)
     processor = load_image_processor(cfg.model.name)
     channels = int(_model_config(cfg.model.name).num_channels)
     mean, std = _stats(processor.image_mean, channels), _stats(processor.image_std, channels)
     return Pixels(images, torch.tensor(labels), mean, std, channels)
 
 
-def resize(images: Sequence[np.ndarray], size: int, channels: int) -> torch.Tensor:
-    """``[N, C, size, size]`` uint8: each ``[H, W, C]`` image resized (bicubic, antialiased)."""
+def resize(images: np.ndarray | Sequence[np.ndarray], size: int, channels: int) -> torch.Tensor:
+    """``[N, C, size, size]`` uint8: each ``[H, W, C]`` image (rows of one ``[N, H, W, C]``
+    array, or a list of them) resized (bicubic, antialiased)."""
     out = torch.empty((len(images), channels, size, size), dtype=torch.uint8)
-    same = len({im.shape for im in images}) <= 1
-    step = _CHUNK if same else 1  # images of mixed sizes go one at a time
+    stacked = isinstance(images, np.ndarray)
+    step = _CHUNK if stacked or len({im.shape for im in images}) <= 1 else 1  # mixed sizes: one at a time
     for start in range(0, len(images), step):
-        chunk = np.stack(images[start : start + step])
+        part = images[start : start + step]
+        chunk = np.ascontiguousarray(part) if isinstance(part, np.ndarray) else np.stack(part)
         x = torch.from_numpy(chunk).permute(0, 3, 1, 2).float()
         if tuple(x.shape[-2:]) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
