@@ -1,21 +1,36 @@
-"""The bytes-to-accuracy frontier: every codec against dense LoRA, and why ComPEFT lost accuracy.
+"""The bytes-to-accuracy frontier: every codec against dense LoRA at equal footing, on the
+workloads that chose the defaults and on two that did not.
 
-Two modes, both real federations of the default task (LoRA r=8 on MiniLM, 10 clients,
-Dirichlet 0.5, 4 local steps of batch 16 per round, in process, several at once):
+Workloads (``--workload``; each a real federation, in process, several runs at once):
 
-* ``frontier`` (default): dense LoRA and the default ComPEFT over ``--seeds`` seeds, every
-  other registered codec (both directions) and ComPEFT at other densities over one, all
-  for ``--rounds`` rounds; one round of full-model FedAvg measures its uplink bytes per
-  client per round exactly.  The target is dense LoRA's mean final accuracy less 1 pt.
-  Per row: final accuracy (mean and sample std over seeds), rounds and bytes (up + down)
-  to reach the target, total bytes, uplink bytes per client per round and how many times
-  smaller that is than full-model FedAvg's; whether dense LoRA has converged (its mean
-  accuracy moved less than 0.5 pt over the last 3 rounds).  Plots come from
-  ``fedpeft report`` over the same run folders (``frontier.png``, ``accuracy_vs_bytes.png``).
-* ``--ablation``: what costs ComPEFT accuracy, one setting at a time, 10 rounds, one seed.
+* ``bbc-news`` and ``wordnet-nouns`` (MiniLM, LoRA r=8, Dirichlet 0.5): the defaults
+  (``server.aggregate = "senders"``, ComPEFT's density and scale) were chosen here.
+* ``fashion-mnist`` (the packaged DINOv2-S/14, LoRA, 56 px) and ``llm`` (the packaged
+  SmolLM2-135M-Instruct, LoRA q/v, BBC News as a question; exact match of greedy answers):
+  never used to choose anything; run with the defaults unchanged.
 
-    .venv/bin/python -m benchmarks.frontier [--dataset bbc-news] [--rounds 20] [--seeds 3]
-    .venv/bin/python -m benchmarks.frontier --ablation
+Rows: dense LoRA as Flower runs it, and the default ComPEFT (``codec.name = "compeft"``
+both ways, nothing else set: no data on the server) over ``--seeds`` seeds; over one seed,
+the validation step search on dense and on ComPEFT (``server.step-search``: needs labelled
+data on the server, so the two are compared with each other), ComPEFT with FedAvg's plain
+mean (``server.aggregate = "all"``), and every other registered codec.  The server's
+default setting leaves a dense run unchanged (``senders`` only acts on sparse payloads),
+so "dense with the same server setting" is the dense row itself; the search rows give
+both sides the same server-side help.  One round of full-model FedAvg measures its
+uplink per client and round exactly.
+
+Per row: final accuracy (mean and sample std over seeds), rounds and bytes (up + down) to
+the target (the better dense row's final accuracy less 1 pt), total bytes, uplink per
+client-round and how many times below full-model FedAvg, and the server's share of the
+round time (``time_split["server"]`` of the round records: decoding, aggregation, the
+server step and any search).  Dense has converged when its mean accuracy moved less than
+0.5 pt over the last 3 rounds.  Plots come from ``fedpeft report`` over the same folders.
+Runs are resumable: a finished run is skipped, an interrupted one resumes from its last
+checkpoint.  ``--ablation`` measures the data-free aggregation one change at a time.
+
+    .venv/bin/python -m benchmarks.frontier --workload bbc-news [--rounds 15] [--seeds 3]
+    .venv/bin/python -m benchmarks.frontier --workload fashion-mnist --seeds 1
+    .venv/bin/python -m benchmarks.frontier --ablation [--workload wordnet-nouns]
 """
 
 from __future__ import annotations
@@ -29,83 +44,157 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchmarks._common import RESULTS, table, write
+from fedpeft.checkpoint import CHECKPOINT_FILE
 from fedpeft.report import make_report, summarize
 from fedpeft.results import human_bytes, read_rounds
 
-# The default task of the issue: BBC News, 10 clients, Dirichlet 0.5, 4 local steps.
-BASE: dict[str, Any] = {
-    "num-clients": 10,
-    "data.partitioner": "dirichlet",
-    "data.alpha": 0.5,
-    "train.max-steps": 4,
-    "device": "cpu",
-}
-WORDNET: dict[str, Any] = {"data.dataset": "wordnet-nouns", "num-clients": 30, "data.max-examples": 12000}
-CODED = {"codec.name": "compeft", "codec.downlink": "compeft"}
 
-# The ablation, one change at a time from ComPEFT 10% both ways without the alpha search
-# (STC mean scale: the settings of the issue's table).  Runs made before the downlink fix
-# (replies decoded onto the clients' coded copy, which dropped every round what the
-# downlink had not delivered yet) are in benchmarks/results/frontier_ablation.md, with
-# the commit that made them.
-PLAIN = CODED | {"codec.density": 0.1, "codec.alpha-search": ""}
+@dataclass(frozen=True)
+class Workload:
+    """One federation the frontier runs every row on."""
+
+    base: dict[str, Any]
+    rounds: int
+    steps: int
+    validation: int  # server validation examples, cut for every row alike (same test set)
+    chose_defaults: bool
+    metric: str = "accuracy"  # a record field, or a key of its task metrics
+    note: str = ""
+    full_model: dict[str, Any] = field(
+        default_factory=lambda: {"peft.method": "full", "train.learning-rate": 5e-5}
+    )
+
+
+MINILM = {"num-clients": 10, "data.partitioner": "dirichlet", "data.alpha": 0.5, "device": "cpu"}
+WORKLOADS: dict[str, Workload] = {
+    "bbc-news": Workload(MINILM, 15, 4, 89, True, note="MiniLM LoRA r=8, 10 clients, Dirichlet 0.5"),
+    "wordnet-nouns": Workload(
+        MINILM | {"data.dataset": "wordnet-nouns", "data.max-examples": 6000},
+        15,
+        4,
+        100,
+        True,
+        note="MiniLM LoRA r=8, 26 supersenses, 6,000 glosses, 10 clients, Dirichlet 0.5",
+    ),
+    "fashion-mnist": Workload(
+        {
+            "task.name": "image-classification",
+            "model.name": "dinov2-small",
+            "model.image-size": 56,
+            "data.dataset": "fashion-mnist",
+            "data.max-examples": 20000,
+            "data.max-test-examples": 1000,
+            "num-clients": 10,
+            "data.partitioner": "dirichlet",
+            "data.alpha": 0.5,
+            "train.batch-size": 16,
+            "train.eval-batch-size": 128,
+            "train.learning-rate": 1e-3,  # fedpeft_vision's probe for LoRA
+            "device": "cpu",
+        },
+        10,
+        10,
+        200,
+        False,
+        note="DINOv2-S/14 LoRA r=8 at 56 px, 10 clients, Dirichlet 0.5",
+        full_model={"peft.method": "full", "train.learning-rate": 2e-5},
+    ),
+    "llm": Workload(
+        {
+            "task.name": "causal-lm",
+            "model.name": "smollm2-135m",
+            "model.max-length": 96,
+            "data.dataset": "bbc-news",
+            "data.max-test-examples": 200,
+            "lm.generate-examples": 100,
+            "lm.max-new-tokens": 8,
+            "lora.target-modules": "q_proj,v_proj",
+            "num-clients": 10,
+            "data.partitioner": "dirichlet",
+            "data.alpha": 0.5,
+            "train.batch-size": 8,
+            "train.eval-batch-size": 50,
+            "min-train-clients": 1,
+            "device": "cpu",
+        },
+        6,
+        4,
+        50,
+        False,
+        metric="exact_match",
+        note="SmolLM2-135M-Instruct LoRA q/v, BBC News as a question, 10 clients, Dirichlet 0.5",
+        full_model={"peft.method": "full", "train.learning-rate": 2e-5, "train.batch-size": 2},
+    ),
+}
+CODED = {"codec.name": "compeft"}  # nothing else: the data-free default, both ways
+SEARCH = {"server.step-search": "1,2,4,8"}
+DENSE, DEFAULT = "dense LoRA (FedAvg)", "ComPEFT (default, no server data)"
+DENSE_SEARCH, CODED_SEARCH = "dense LoRA + step search (server data)", "ComPEFT + step search (server data)"
+OTHERS: list[tuple[str, dict[str, Any]]] = [
+    (DENSE_SEARCH, SEARCH),
+    (CODED_SEARCH, CODED | SEARCH),
+    ("ComPEFT, FedAvg's mean over all clients", CODED | {"server.aggregate": "all"}),
+    ("ComPEFT 10%", CODED | {"codec.density": 0.1}),
+    ("fp16 both ways", {"codec.name": "fp16"}),
+    ("int8 both ways", {"codec.name": "int8"}),
+    ("sign (EF-SignSGD) both ways", {"codec.name": "sign"}),
+    ("top-k, fp16 values, both ways", {"codec.name": "topk"}),
+]
+
+# The ablation: the data-free aggregation of ComPEFT, one change at a time from ComPEFT
+# both ways at 10% with FedAvg's plain mean and no search (the issue's failing row), at
+# the workload's budget.  Runs before the server step existed (10 rounds, the validation
+# alpha search then the default) are in benchmarks/results/frontier_ablation.md.
+PLAIN = CODED | {"codec.density": 0.1, "server.aggregate": "all"}
 ABLATION: list[tuple[str, dict[str, Any]]] = [
     ("dense LoRA", {}),
-    ("ComPEFT 10% both ways, mean scale", PLAIN),
-    ("alpha tuned on validation (1,2,4,8)", PLAIN | {"codec.alpha-search": "1,2,4,8"}),
-    ("head and biases in fp16", PLAIN | {"codec.small-tensors": 2000}),
+    ("ComPEFT 10%, FedAvg's mean (the old data-free setting)", PLAIN),
+    ("mean over the clients that sent each coordinate", PLAIN | {"server.aggregate": "senders"}),
+    ("... bounded by the clients' mean update length", PLAIN | {"server.aggregate": "bounded"}),
     (
-        "density warm-up 50% -> 10% over 5 rounds",
-        PLAIN | {"codec.warmup-rounds": 5, "codec.warmup-density": 0.5},
+        "FedAvg's mean, density warm-up 100% -> 10% over 5 rounds",
+        PLAIN | {"codec.warmup-rounds": 5, "codec.warmup-density": 1.0},
     ),
-    ("no downlink error feedback", PLAIN | {"codec.downlink-error-feedback": False}),
-    ("global top-k", PLAIN | {"codec.compeft.scope": "global"}),
-    ("uplink coded only", PLAIN | {"codec.downlink": "none"}),
-    ("scale alpha * std, alpha = 4", PLAIN | {"codec.compeft.scale": "std", "codec.compeft.alpha": 4.0}),
+    ("FedAvg's mean, step searched on validation (server data)", PLAIN | SEARCH),
 ]
 
 
-def BUDGET(args: argparse.Namespace) -> dict[str, Any]:
+def budget(work: Workload, args: argparse.Namespace) -> dict[str, Any]:
     """The same budget for every row; the validation split is cut for every row alike, so
-    all of them are measured on the same test examples (the codecs tune on it)."""
+    all of them are measured on the same test examples (the search rows tune on it)."""
     return {
-        "num-rounds": args.rounds,
-        "train.max-steps": args.steps,
-        "data.validation-examples": args.validation,
+        "num-rounds": args.rounds or work.rounds,
+        "train.max-steps": work.steps,
+        "data.validation-examples": work.validation,
     }
 
 
-def frontier_runs(seeds: int) -> list[tuple[str, int, dict[str, Any]]]:
+def frontier_runs(seeds: int, rows: str) -> list[tuple[str, int, dict[str, Any]]]:
     """(label, seed, overrides): headline rows over ``seeds`` seeds, the others over one."""
     runs: list[tuple[str, int, dict[str, Any]]] = []
     for seed in range(seeds):
-        runs.append(("dense LoRA", seed, {}))
-        runs.append(("ComPEFT (default)", seed, CODED))
-    one = [
-        ("fp16 both ways", {"codec.name": "fp16", "codec.downlink": "fp16"}),
-        ("int8 both ways", {"codec.name": "int8", "codec.downlink": "int8"}),
-        ("sign (EF-SignSGD) both ways", {"codec.name": "sign", "codec.downlink": "sign"}),
-        ("top-k 10%, fp16 values, both ways", {"codec.name": "topk", "codec.downlink": "topk"}),
-        ("ComPEFT 5%", CODED | {"codec.density": 0.05}),
-    ]
-    runs += [(label, 0, over) for label, over in one]
-    return runs
+        runs += [(DENSE, seed, {}), (DEFAULT, seed, CODED)]
+    others = OTHERS if rows == "all" else OTHERS[:2] if rows == "search" else []
+    return runs + [(label, 0, over) for label, over in others]
 
 
 def run_one(folder: Path, name: str, overrides: dict[str, Any], log: Path) -> Path:
-    """One ``fedpeft run`` in its own process (skipped when its adapter is already there)."""
+    """One ``fedpeft run`` in its own process: skipped when finished (its adapter is
+    there), resumed from its checkpoint when it was interrupted, else started."""
     run_dir = folder / name
     if (run_dir / "adapter").is_dir():
         return run_dir
+    resume = {"resume": True} if (run_dir / CHECKPOINT_FILE).is_file() else {}
     cmd = [sys.executable, "-m", "fedpeft.cli", "run", "--engine", "inprocess"]
-    for key, value in (overrides | {"results-dir": str(folder), "run-name": name}).items():
+    for key, value in (overrides | {"results-dir": str(folder), "run-name": name} | resume).items():
         text = str(value).lower() if isinstance(value, bool) else str(value)
         cmd += ["--set", f"{key}={text}"]
-    with log.open("w") as fh:
+    with log.open("a") as fh:
         subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=True, env=os.environ.copy())
     return run_dir
 
@@ -125,10 +214,16 @@ def slug(label: str, seed: int) -> str:
     return f"{keep}-s{seed}"
 
 
-def bytes_to(rounds: list[dict[str, Any]], target: float) -> tuple[int | None, int | None]:
+def score(record: dict[str, Any], metric: str) -> float:
+    """A round's headline figure: a record field (accuracy) or one of its task metrics."""
+    value = record.get(metric)
+    return float(value if value is not None else record["metrics"][metric])
+
+
+def bytes_to(rounds: list[dict[str, Any]], target: float, metric: str) -> tuple[int | None, int | None]:
     """(first round at or above ``target``, cumulative bytes up + down there)."""
     for r in rounds[1:]:
-        if r["accuracy"] >= target:
+        if score(r, metric) >= target:
             return r["round"], r["cum_bytes_up"] + r["cum_bytes_down"]
     return None, None
 
@@ -138,181 +233,238 @@ def up_per_client_round(rounds: list[dict[str, Any]]) -> float:
     return statistics.fmean(sizes) if sizes else float("nan")
 
 
+def server_share(rounds: list[dict[str, Any]]) -> float:
+    """The server's share of the trained rounds' wall time (decode, aggregate, step, search)."""
+    trained = [r for r in rounds[1:] if r.get("time_split")]
+    wall = sum(r["wall_seconds"] for r in trained)
+    return sum(r["time_split"]["server"] for r in trained) / wall if wall else float("nan")
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def frontier(args: argparse.Namespace, base: dict[str, Any], folder: Path, tag: str) -> dict[str, Any]:
-    runs = frontier_runs(args.seeds)
-    if args.only:
-        runs = [r for r in runs if r[0] == args.only]
-        run_all(
-            folder,
-            [(slug(lb, sd), base | BUDGET(args) | {"seed": sd} | ov) for lb, sd, ov in runs],
-            args.workers,
-        )
-        return {}
-    jobs = [(slug(label, seed), base | BUDGET(args) | {"seed": seed} | over) for label, seed, over in runs]
-    full = (
-        "full-model-1-round",
-        base | BUDGET(args) | {"num-rounds": 1, "peft.method": "full", "train.learning-rate": 5e-5},
-    )
+def converged(runs: list[list[dict[str, Any]]], metric: str) -> tuple[bool, list[float]]:
+    """Whether the mean curve moved less than 0.5 pt over the last 3 rounds, and those 3."""
+    last3 = [statistics.fmean(score(r[-i], metric) for r in runs) for i in (3, 2, 1)]
+    return max(last3) - min(last3) < 0.005, last3
+
+
+def summarise_row(
+    label: str,
+    seeds: list[list[dict[str, Any]]],
+    target: float,
+    ref_bytes: float,
+    full_up: float,
+    metric: str,
+) -> dict[str, Any]:
+    """One row's figures against ``target`` and the dense bytes to it (``ref_bytes``)."""
+    acc_m, acc_s = mean_std([score(r[-1], metric) for r in seeds])
+    hits = [bytes_to(r, target, metric) for r in seeds]
+    reached = [h for h in hits if h[0] is not None]
+    rounds_m = statistics.fmean(h[0] for h in reached) if reached else None  # type: ignore[misc]
+    bytes_m = statistics.fmean(h[1] for h in reached) if reached else None  # type: ignore[misc]
+    up = statistics.fmean(up_per_client_round(r) for r in seeds)
+    return {
+        "label": label,
+        "seeds": len(seeds),
+        "final_mean": acc_m,
+        "final_std": acc_s,
+        "curve_mean": [statistics.fmean(score(r[i], metric) for r in seeds) for i in range(len(seeds[0]))],
+        "reached_target": f"{len(reached)}/{len(seeds)}",
+        "rounds_to_target": rounds_m,
+        "bytes_to_target": bytes_m,
+        "dense_bytes_to_target_over_this": (ref_bytes / bytes_m)
+        if bytes_m and ref_bytes == ref_bytes
+        else None,
+        "total_bytes": statistics.fmean(r[-1]["cum_bytes_up"] + r[-1]["cum_bytes_down"] for r in seeds),
+        "up_per_client_round": up,
+        "full_model_up_over_this": full_up / up,
+        "server_share": statistics.fmean(server_share(r) for r in seeds),
+    }
+
+
+def row_cells(rec: dict[str, Any], best_dense: float) -> list[Any]:
+    bytes_m, rounds_m = rec["bytes_to_target"], rec["rounds_to_target"]
+    return [
+        rec["label"],
+        rec["seeds"],
+        f"{100 * rec['final_mean']:.1f}%" + (f" ± {100 * rec['final_std']:.1f}" if rec["seeds"] > 1 else ""),
+        f"{100 * (rec['final_mean'] - best_dense):+.1f}",
+        f"{rounds_m:.1f}" if rounds_m else f"never ({rec['reached_target']})",
+        human_bytes(round(bytes_m)) if bytes_m else "-",
+        f"{rec['dense_bytes_to_target_over_this']:.1f}x" if rec["dense_bytes_to_target_over_this"] else "-",
+        human_bytes(round(rec["total_bytes"])),
+        human_bytes(round(rec["up_per_client_round"])),
+        f"{rec['full_model_up_over_this']:,.0f}x",
+        f"{100 * rec['server_share']:.1f}%",
+    ]
+
+
+HEADERS = [
+    "run",
+    "seeds",
+    "final",
+    "vs target's dense (pt)",
+    "rounds to target",
+    "bytes to target",
+    "dense / this",
+    "total bytes",
+    "up per client-round",
+    "full-model up / this",
+    "server share of round time",
+]
+
+
+def verdict(rows: dict[str, dict[str, Any]], dense: str, coded: str, target: float) -> str:
+    """The issue's target for one pair: final within 1 pt, >= 10x fewer bytes to the target."""
+    if dense not in rows or coded not in rows:
+        return f"{coded} vs {dense}: not run"
+    d, c = rows[dense], rows[coded]
+    gap = 100 * (c["final_mean"] - d["final_mean"])
+    ratio = c["dense_bytes_to_target_over_this"]
+    ok = gap >= -1.0 and ratio is not None and ratio >= 10
+    ratio_text = f"{ratio:.1f}x fewer bytes to {100 * target:.1f}%" if ratio else "target not reached"
+    return f"{coded} vs {dense}: {gap:+.1f} pt, {ratio_text}: {'met' if ok else 'missed'}"
+
+
+def frontier(args: argparse.Namespace, work: Workload, folder: Path, tag: str) -> dict[str, Any]:
+    metric = work.metric
+    runs = frontier_runs(args.seeds, args.rows)
+    jobs = [(slug(lb, sd), work.base | budget(work, args) | {"seed": sd} | ov) for lb, sd, ov in runs]
+    full = ("full-model-1-round", work.base | budget(work, args) | {"num-rounds": 1} | work.full_model)
     t0 = time.perf_counter()
     run_all(folder, [full, *jobs], args.workers)
     seconds = time.perf_counter() - t0
     full_up = up_per_client_round(read_rounds(folder / full[0]))
     by_label: dict[str, list[list[dict[str, Any]]]] = {}
-    missing = []
     for label, seed, _ in runs:
-        rounds = read_rounds(folder / slug(label, seed))
-        if rounds:
-            by_label.setdefault(label, []).append(rounds)
-        else:  # skipped (an adapter folder made by hand): reported as not run
-            missing.append(slug(label, seed))
-    dense = by_label["dense LoRA"]
-    dense_final = statistics.fmean(r[-1]["accuracy"] for r in dense)
-    last3 = [statistics.fmean(r[-i]["accuracy"] for r in dense) for i in (1, 2, 3)]
-    converged = max(last3) - min(last3) < 0.005
-    target = dense_final - 0.01
-    dense_bytes = (
-        statistics.fmean(b for r in dense if (b := bytes_to(r, target)[1]) is not None)
-        if any(bytes_to(r, target)[1] is not None for r in dense)
-        else float("nan")
-    )
-    rows, records = [], []
-    for label, seeds in by_label.items():
-        acc_m, acc_s = mean_std([r[-1]["accuracy"] for r in seeds])
-        hits = [bytes_to(r, target) for r in seeds]
-        reached = [h for h in hits if h[0] is not None]
-        rounds_m = statistics.fmean(h[0] for h in reached) if reached else None  # type: ignore[misc]
-        bytes_m = statistics.fmean(h[1] for h in reached) if reached else None  # type: ignore[misc]
-        total = statistics.fmean(r[-1]["cum_bytes_up"] + r[-1]["cum_bytes_down"] for r in seeds)
-        up = statistics.fmean(up_per_client_round(r) for r in seeds)
-        rec = {
-            "label": label,
-            "seeds": len(seeds),
-            "final_accuracy_mean": acc_m,
-            "final_accuracy_std": acc_s,
-            "gap_to_dense_pt": 100 * (acc_m - dense_final),
-            "reached_target": f"{len(reached)}/{len(seeds)}",
-            "rounds_to_target": rounds_m,
-            "bytes_to_target": bytes_m,
-            "dense_bytes_to_target_over_this": (dense_bytes / bytes_m) if bytes_m else None,
-            "total_bytes": total,
-            "up_per_client_round": up,
-            "full_model_up_over_this": full_up / up,
+        by_label.setdefault(label, []).append(read_rounds(folder / slug(label, seed)))
+    dense_ok, last3 = converged(by_label[DENSE], metric)
+
+    def target_of(*dense_rows: str) -> tuple[float, float]:
+        """(the better dense row's final less 1 pt, that row's mean bytes to it)."""
+        present = [d for d in dense_rows if d in by_label]
+        best = max(present, key=lambda d: statistics.fmean(score(r[-1], metric) for r in by_label[d]))
+        target = statistics.fmean(score(r[-1], metric) for r in by_label[best]) - 0.01
+        hits = [b for r in by_label[best] if (b := bytes_to(r, target, metric)[1]) is not None]
+        return target, statistics.fmean(hits) if hits else float("nan")
+
+    target, ref = target_of(DENSE)
+    rows = {
+        label: summarise_row(label, seeds, target, ref, full_up, metric)
+        for label, seeds in by_label.items()
+        if label not in (DENSE_SEARCH, CODED_SEARCH)
+    }
+    lines = [verdict(rows, DENSE, DEFAULT, target)]
+    searched = {}
+    if DENSE_SEARCH in by_label and CODED_SEARCH in by_label:
+        s_target, s_ref = target_of(DENSE, DENSE_SEARCH)
+        searched = {
+            label: summarise_row(label, by_label[label], s_target, s_ref, full_up, metric)
+            for label in (DENSE_SEARCH, CODED_SEARCH)
         }
-        records.append(rec)
-        rows.append(
-            [
-                label,
-                len(seeds),
-                f"{100 * acc_m:.1f}%" + (f" ± {100 * acc_s:.1f}" if len(seeds) > 1 else ""),
-                f"{rec['gap_to_dense_pt']:+.1f}",
-                f"{rounds_m:.1f}" if rounds_m else f"never ({rec['reached_target']})",
-                human_bytes(round(bytes_m)) if bytes_m else "-",
-                f"{rec['dense_bytes_to_target_over_this']:.1f}x" if bytes_m else "-",
-                human_bytes(round(total)),
-                human_bytes(round(up)),
-                f"{full_up / up:,.0f}x",
-            ]
-        )
-    headers = [
-        "run",
-        "seeds",
-        "final acc",
-        "vs dense (pt)",
-        "rounds to target",
-        "bytes to target",
-        "dense / this",
-        "total bytes",
-        "up per client-round",
-        "full-model up / this",
-    ]
-    text = table(headers, rows)
+        lines.append(verdict(searched, DENSE_SEARCH, CODED_SEARCH, s_target))
+    best_dense = rows[DENSE]["final_mean"] + 0.01
+    text = table(HEADERS, [row_cells(r, best_dense) for r in rows.values()])
+    if searched:
+        text += "\n\nWith the validation search (server data), against dense with the same search:\n\n"
+        text += table(HEADERS, [row_cells(r, s_target + 0.01) for r in searched.values()])
     report = make_report([folder], folder / "report", target=target)
     for name in ("frontier", "accuracy_vs_bytes"):
-        shutil.copy(report.files[name], RESULTS / f"frontier_{tag}_{name}.png")
+        if name in report.files:
+            shutil.copy(report.files[name], RESULTS / f"frontier_{tag}_{name}.png")
     head = (
-        f"{tag}: {base.get('num-clients')} clients, Dirichlet 0.5, {args.rounds} rounds of "
-        f"{base['train.max-steps']} local steps; target = dense LoRA's final accuracy - 1 pt = "
-        f"{100 * target:.1f}%; dense LoRA converged (last 3 rounds within 0.5 pt): {converged} "
-        f"({', '.join(f'{100 * a:.1f}%' for a in reversed(last3))}); full-model FedAvg uplink per "
+        f"{tag} ({work.note}; defaults {'chosen here' if work.chose_defaults else 'NOT chosen here'}): "
+        f"{args.rounds or work.rounds} rounds of {work.steps} local steps; metric {metric}; target = dense "
+        f"LoRA's final - 1 pt = {100 * target:.1f}%; dense converged (last 3 rounds within 0.5 pt): "
+        f"{dense_ok} ({', '.join(f'{100 * a:.1f}%' for a in last3)}); full-model FedAvg uplink per "
         f"client-round {human_bytes(round(full_up))}; {seconds / 60:.0f} min on this machine."
     )
-    if missing:
-        head += f" Not run: {', '.join(missing)}."
-    print(f"\n{head}\n{text}")
+    body = "\n".join(f"- {line}" for line in lines)
+    print(f"\n{head}\n{body}\n\n{text}")
     (RESULTS / f"frontier_{tag}.md").write_text(
-        f"Command: `.venv/bin/python -m benchmarks.frontier {' '.join(sys.argv[1:])}`\n\n{head}\n\n{text}\n"
+        f"Command: `.venv/bin/python -m benchmarks.frontier {' '.join(sys.argv[1:])}`\n\n{head}\n\n{body}\n\n{text}\n"
     )
     return {
-        "settings": vars(args) | {"base": base},
+        "settings": vars(args)
+        | {"base": work.base, "steps": work.steps, "chose_defaults": work.chose_defaults},
         "target": target,
-        "dense_converged": converged,
-        "dense_last3": list(reversed(last3)),
+        "dense_converged": dense_ok,
+        "dense_last3": last3,
         "full_model_up_per_client_round": full_up,
         "seconds": seconds,
-        "rows": records,
+        "verdicts": lines,
+        "rows": list(rows.values()) + list(searched.values()),
     }
 
 
-def ablation(args: argparse.Namespace, base: dict[str, Any], folder: Path) -> dict[str, Any]:
-    jobs = [(slug(label, 0), base | {"num-rounds": 10} | over) for label, over in ABLATION]
+def ablation(args: argparse.Namespace, work: Workload, folder: Path) -> dict[str, Any]:
+    labels = [lb for lb, _ in ABLATION if not args.only or lb in args.only.split(";")]
+    jobs = [(slug(lb, 0), work.base | budget(work, args) | dict(ABLATION)[lb]) for lb in labels]
     t0 = time.perf_counter()
     run_all(folder, jobs, args.workers)
     rows, records = [], []
-    for label, _ in ABLATION:
+    for label in labels:
         s = summarize(folder / slug(label, 0))
         rounds = s.rounds
-        alphas = [r["codec_alpha"] for r in rounds if r.get("codec_alpha") is not None]
+        scales = [r["step_scale"] for r in rounds if r.get("step_scale") is not None]
+        curve = [score(r, work.metric) for r in rounds]
         rec = {
             "label": label,
-            "final_accuracy": s.final_accuracy,
+            "curve": curve,
+            "final": curve[-1],
             "final_loss": rounds[-1]["loss"],
             "bytes_up": s.bytes_up,
             "bytes_down": s.bytes_down,
-            "alphas": alphas,
+            "scales": scales,
+            "server_share": server_share(rounds),
         }
         records.append(rec)
         rows.append(
             [
                 label,
-                f"{100 * s.final_accuracy:.1f}%",
+                " ".join(f"{100 * a:.1f}" for a in curve[1:]),
                 f"{rounds[-1]['loss']:.3f}",
-                human_bytes(s.bytes_up),
-                human_bytes(s.bytes_down),
-                ",".join(f"{a:g}" for a in alphas) or "-",
+                human_bytes(s.bytes_up + s.bytes_down),
+                ",".join(f"{a:g}" for a in scales) or "-",
+                f"{100 * rec['server_share']:.1f}%",
             ]
         )
     text = table(
-        ["setting (one change from the old default)", "acc @10", "loss @10", "up", "down", "alpha chosen"],
+        [
+            "setting (one change from ComPEFT 10%, FedAvg's mean)",
+            f"{work.metric} by round (%)",
+            "final loss",
+            "up + down",
+            "scale chosen",
+            "server share",
+        ],
         rows,
     )
     print(text)
-    (RESULTS / "frontier_ablation.md").write_text(
-        f"Command: `.venv/bin/python -m benchmarks.frontier --ablation`; "
-        f"{(time.perf_counter() - t0) / 60:.0f} min.\n\n{text}\n"
+    (RESULTS / f"frontier_ablation_{args.workload}.md").write_text(
+        f"Command: `.venv/bin/python -m benchmarks.frontier {' '.join(sys.argv[1:])}`; "
+        f"{(time.perf_counter() - t0) / 60:.0f} min on this machine.\n\n{text}\n"
     )
     return {"rows": records}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", choices=["bbc-news", "wordnet-nouns"], default="bbc-news")
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="bbc-news")
+    ap.add_argument("--rounds", type=int, default=0, help="rounds (0: the workload's own)")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=4, help="local steps per round")
-    ap.add_argument("--validation", type=int, default=89, help="server validation examples (all rows)")
+    ap.add_argument("--rows", choices=["all", "search", "headline"], default="all")
     ap.add_argument("--workers", type=int, default=2, help="runs at once (one CPU core each)")
     ap.add_argument("--ablation", action="store_true")
+    ap.add_argument("--only", default="", help="ablation rows to run (labels, ';'-separated)")
     ap.add_argument("--out", default="results/benchmarks/frontier", help="where the run folders go")
-    ap.add_argument("--only", default="", help="run only the rows with this label (no table)")
     args = ap.parse_args()
-    base = BASE | (WORDNET if args.dataset == "wordnet-nouns" else {})
-    tag = "ablation" if args.ablation else args.dataset
+    work = WORKLOADS[args.workload]
+    tag = f"ablation_{args.workload}" if args.ablation else args.workload
     folder = Path(args.out).resolve() / tag
-    figures = ablation(args, base, folder) if args.ablation else frontier(args, base, folder, tag)
+    figures = ablation(args, work, folder) if args.ablation else frontier(args, work, folder, tag)
     write(f"frontier_{tag}", figures)
     print(json.dumps({"folder": str(folder)}))
 

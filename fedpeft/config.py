@@ -320,7 +320,7 @@ class DataConfig(Section, section="data"):
     test_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9, lo_open=True))
     max_test_examples: int = field(default=0, metadata=_range(0))
     # Examples cut from the server's held-out split as its validation set, for what the
-    # server tunes (codec.alpha-search); the test set is the rest.  0 = 20% of the held-out
+    # server tunes (server.step-search); the test set is the rest.  0 = 20% of the held-out
     # split when the server tunes something, else none (every example is a test example).
     validation_examples: int = field(default=0, metadata=_range(0))
     partitioner: str = field(
@@ -419,16 +419,10 @@ class CodecConfig(Section, section="codec"):
     # small-codec instead (0 = every tensor through the codec).
     small_tensors: int = field(default=0, metadata=_range(0))
     small_codec: str = field(default="fp16", metadata={"registry": _codec_names})
-    # ComPEFT's alpha, tuned as the paper does on validation data: with a lossy uplink codec,
-    # each round the server scales the aggregated update by every candidate and keeps the
-    # one with the lowest loss on its validation split (data.validation-examples); recorded
-    # per round as codec_alpha.  "" = no search (alpha 1).
-    alpha_search: tuple[str, ...] = ("1", "2", "4", "8")
     # Each codec's own settings, name -> frozen dataclass (codec.<name>.<key> run-config keys).
     options: tuple[tuple[str, Any], ...] = field(default_factory=_codec_defaults)
 
     def _check(self) -> None:
-        self.alpha_candidates()  # raises on a malformed list
         for name, settings in self.options:  # each codec's own section (codec.<name>.<key>)
             check_fields(settings, f"codec.{name}")
 
@@ -444,19 +438,6 @@ class CodecConfig(Section, section="codec"):
         frac = (server_round - 1) / self.warmup_rounds
         return max(final, self.warmup_density + frac * (final - self.warmup_density))
 
-    def alpha_candidates(self) -> tuple[float, ...]:
-        """The step scales of codec.alpha-search, as numbers (empty: no search)."""
-        try:
-            values = tuple(float(v) for v in self.alpha_search)
-        except ValueError:
-            raise ConfigError(
-                f"config key 'codec.alpha-search': cannot read {','.join(self.alpha_search)!r}; "
-                "give positive numbers, comma-separated ('1,2,4,8')"
-            ) from None
-        if any(not (v > 0 and math.isfinite(v)) for v in values):
-            raise ConfigError("config key 'codec.alpha-search': every candidate must be a positive number")
-        return values
-
     def active(self) -> bool:
         """Whether anything differs from dense float32 both ways."""
         return self.name != "none" or self.downlink_codec != "none"
@@ -465,6 +446,52 @@ class CodecConfig(Section, section="codec"):
     def downlink_codec(self) -> str:
         """The downlink's registered codec (``same`` resolved)."""
         return self.name if self.downlink == "same" else self.downlink
+
+
+@dataclass(frozen=True)
+class ServerConfig(Section, section="server"):
+    """The server's step, for every run, coded or dense (:mod:`fedpeft.server.step`).
+
+    The aggregate the strategy returns becomes the update ``u_t = aggregate - global``;
+    the server then steps ``global += scale_t * learning-rate * v_t`` with
+    ``v_t = momentum * v_{t-1} + u_t`` (server momentum: FedAvgM, Hsu et al. 2019).  These
+    are settings of the aggregation, not of a codec, so dense LoRA gets the same help as a
+    compressed run (the frontier compares them at equal footing).
+    """
+
+    # How a sparse update's coordinates are averaged: "senders" divides each coordinate by
+    # the (example-weighted) clients whose payload carried it; "all" by every client, as
+    # FedAvg does with the zeros a top-k codec leaves.  Identical for dense codecs (every
+    # client sends every coordinate), so a dense run is the same under both.
+    # "bounded": "senders", then the mean is shortened to the clients' mean update length
+    # when it is longer (never for a dense mean).
+    aggregate: str = field(default="senders", metadata=_choices("senders", "bounded", "all"))
+    learning_rate: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    momentum: float = field(default=0.0, metadata=_range(0.0, 0.999))
+    # Scales of the step tried each round on the server's validation split (needs labelled
+    # data on the server: data.validation-examples); the lowest validation loss wins and is
+    # recorded as step_scale.  "" = no search (scale 1): the default, which needs no data.
+    step_search: tuple[str, ...] = ()
+
+    def _check(self) -> None:
+        self.search_candidates()  # raises on a malformed list
+
+    def search_candidates(self) -> tuple[float, ...]:
+        """The step scales of server.step-search, as numbers (empty: no search)."""
+        try:
+            values = tuple(float(v) for v in self.step_search)
+        except ValueError:
+            raise ConfigError(
+                f"config key 'server.step-search': cannot read {','.join(self.step_search)!r}; "
+                "give positive numbers, comma-separated ('1,2,4,8')"
+            ) from None
+        if any(not (v > 0 and math.isfinite(v)) for v in values):
+            raise ConfigError("config key 'server.step-search': every candidate must be a positive number")
+        return values
+
+    def plain(self) -> bool:
+        """Whether the step is the aggregate itself (no scaling, momentum or search)."""
+        return self.learning_rate == 1.0 and self.momentum == 0.0 and not self.step_search
 
 
 @dataclass(frozen=True)
@@ -649,6 +676,7 @@ class RunConfig(Section):
     codec: CodecConfig = field(default_factory=CodecConfig)  # its default reads the codec registry
     dp: DPConfig = DPConfig()
     strategy: StrategyConfig = StrategyConfig()
+    server: ServerConfig = ServerConfig()
     failures: FailureConfig = FailureConfig()
 
     # ------------------------------------------------------------------ building
@@ -774,8 +802,8 @@ class RunConfig(Section):
         return max(int(self.num_clients * self.fraction_train), self.min_train_clients)
 
     def server_tunes(self) -> bool:
-        """Whether the server tunes anything on a validation split (the codec's alpha)."""
-        return self.codec.name != "none" and bool(self.codec.alpha_search)
+        """Whether the server tunes anything on a validation split (server.step-search)."""
+        return bool(self.server.step_search)
 
     def for_partition(self, partition_id: int) -> RunConfig:
         """This config as client ``partition_id`` builds its model (its own LoRA rank)."""

@@ -103,7 +103,8 @@ ROUNDS_CSV_COLUMNS: tuple[str, ...] = (
     "wall_seconds",
     "max_epsilon",
     "central_epsilon",
-    "codec_alpha",
+    "step_scale",
+    "time_split",  # seconds by part of the round: a JSON object
     "metrics",  # the task's metrics besides accuracy (perplexity, exact match, ...): a JSON object
     "strategy_metrics",  # a JSON object per row
 )
@@ -156,8 +157,13 @@ class RoundRecord:
     max_epsilon: float | None = None
     epsilon_by_partition: dict[str, float] = field(default_factory=dict)
     central_epsilon: float | None = None
-    # The step scale the server chose on its validation split (codec.alpha-search), or None.
-    codec_alpha: float | None = None
+    # The step scale the server chose on its validation split (server.step-search), or None.
+    step_scale: float | None = None
+    # Where wall_seconds went (seconds): "clients-train" (waiting for the train replies:
+    # the clients' training and their codec work, plus transport), "clients-evaluate",
+    # "server-evaluate" (the global model on the test split), and "server" (the rest:
+    # configuring, decoding, aggregating, the server step and any search, recording).
+    time_split: dict[str, float] = field(default_factory=dict)
     # The task's other metrics on the server's test split (a causal LM's perplexity,
     # token accuracy and exact match; none for classification, whose figure is accuracy).
     metrics: dict[str, float] = field(default_factory=dict)

@@ -24,7 +24,7 @@ from fedpeft.models import FedModel
 from fedpeft.results import ResultsWriter, run_dir_for, save_adapter
 from fedpeft.runtime import quiet_libraries, seed_everything
 from fedpeft.server.discovery import discover_clients
-from fedpeft.server.figures import alpha_figures, privacy_figures, round_figures, strategy_figures
+from fedpeft.server.figures import privacy_figures, round_figures, step_figures, strategy_figures
 from fedpeft.server.meter import MeteredGrid
 from fedpeft.server.recorder import RoundRecorder
 from fedpeft.server.resume import RoundOffset, remap_nodes
@@ -69,9 +69,9 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
             server_round, from_record(arrays), {"server": state}, dict(partition_of), rng_state()
         ).save(run_dir)
 
-    search = state.alpha_search()
-    if search is not None:  # its scorer holds the model: bound on every start
-        search.bind(validation_scorer(model, cfg))
+    step = state.server_step()
+    if step is not None and step.searches:  # its scorer holds the model: bound on every start
+        step.bind(validation_scorer(model, cfg))
 
     recorder = RoundRecorder(
         metered,
@@ -83,7 +83,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
         rejections=state.rejections,
         figures=round_figures(
             privacy_figures(cfg, state.budget, partition_of),
-            alpha_figures(search),
+            step_figures(step),
             strategy_figures(state.strategy),
         ),
         after_round=checkpoint,
@@ -145,7 +145,7 @@ def meet_clients(
 
 
 def validation_scorer(model: FedModel, cfg: RunConfig) -> Callable[[dict[str, Any]], float]:
-    """arrays -> loss on the server's validation split (codec.alpha-search)."""
+    """arrays -> loss on the server's validation split (server.step-search)."""
     task = get_task(cfg)
     data = task.server_validation_set(cfg)
 

@@ -148,6 +148,9 @@ class FlatCodec:
     citation: ClassVar[str] = ""
     # True: the glue sends plain Flower arrays instead of a payload (dense float32).
     passthrough: ClassVar[bool] = False
+    # True: a payload carries a subset of the coordinates (top-k); the others decode to 0.
+    # The server then averages each coordinate over its senders (``server.aggregate``).
+    sparse: ClassVar[bool] = False
     # The scales a payload carries: "none"; "tensor", one per tensor; "tensor-or-global", one
     # per tensor when the payload is flagged FLAG_TENSOR_SCALES, else one for the whole update.
     scales: ClassVar[Literal["none", "tensor", "tensor-or-global"]] = "none"

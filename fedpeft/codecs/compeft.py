@@ -46,6 +46,7 @@ class CompeftCodec(FlatCodec):
     name = "compeft"
     codec_id = 5
     payload_type = "fedpeft.compeft/2"
+    sparse = True
     citation = "ComPEFT (Yadav et al., 2023); STC (Sattler et al., 2019)"
     settings: CompeftSettings
     scales = "tensor-or-global"

@@ -44,6 +44,11 @@ class SplitCodec:
     def __init__(self, large: Codec, small: Codec, limit: int) -> None:
         self.large, self.small, self.limit = large, small, limit
 
+    @property
+    def sparse(self) -> bool:
+        """Sparse when the large tensors' codec is (the small ones are few and dense)."""
+        return bool(getattr(self.large, "sparse", False))
+
     def _halves(self, update: Update) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         big, little = split_template(Template.of(update), self.limit)
         return {k: update[k] for k in big.names}, {k: update[k] for k in little.names}

@@ -35,6 +35,7 @@ class TopkCodec(FlatCodec):
     name = "topk"
     codec_id = 3
     payload_type = "fedpeft.topk/2"
+    sparse = True
     citation = "Aji & Heafield, 2017, Sparse Communication for Distributed Gradient Descent"
     settings: TopkSettings
 

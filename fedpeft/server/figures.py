@@ -10,8 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 from fedpeft.config import RunConfig
-from fedpeft.server.alpha import AlphaSearch
 from fedpeft.server.budget import PrivacyBudget
+from fedpeft.server.step import ServerStep
 from fedpeft.server.tap import StrategyMetricsTap
 from fedpeft.server.user_dp import central_epsilon
 
@@ -47,12 +47,12 @@ def privacy_figures(
     return figures
 
 
-def alpha_figures(search: AlphaSearch | None) -> Figures | None:
-    """The alpha chosen on validation data in each round (None without codec.alpha-search)."""
-    if search is None:
+def step_figures(step: ServerStep | None) -> Figures | None:
+    """The step scale chosen on validation data in each round (None without server.step-search)."""
+    if step is None or not step.searches:
         return None
     return lambda server_round: (
-        {"codec_alpha": search.chosen[server_round]} if server_round in search.chosen else {}
+        {"step_scale": step.chosen[server_round]} if server_round in step.chosen else {}
     )
 
 

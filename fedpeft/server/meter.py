@@ -56,6 +56,7 @@ class MeteredGrid(MessageGrid):
         self.node_order: Callable[[int], int] = node_order or (lambda node_id: node_id)
         self._open: dict[str, Exchange] = {}  # message id -> exchange awaiting a reply
         self._done: list[Exchange] = []
+        self._waited: dict[str, float] = {}  # message type -> seconds in send_and_receive
 
     # ---------------------------------------------------------------- delegation
     def set_run(self, run: Run) -> None:  # pragma: no cover - the inner grid is already set
@@ -103,6 +104,15 @@ class MeteredGrid(MessageGrid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         """Push, then pull until every reply is in or ``timeout`` passes; sorted by node order."""
+        t0 = time.perf_counter()
+        batch = list(messages)
+        replies = self._send_and_receive(batch, timeout)
+        if batch:  # a strategy may configure no messages (fraction-evaluate = 0)
+            kind = batch[0].metadata.message_type
+            self._waited[kind] = self._waited.get(kind, 0.0) + time.perf_counter() - t0
+        return replies
+
+    def _send_and_receive(self, messages: list[Message], timeout: float | None) -> list[Message]:
         pending = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
@@ -121,6 +131,11 @@ class MeteredGrid(MessageGrid):
                 ex.error = "no reply before the round timeout"
                 self._done.append(ex)
         return sorted(replies, key=lambda m: self.node_order(m.metadata.src_node_id))
+
+    def drain_waited(self) -> dict[str, float]:
+        """Seconds spent waiting on replies since the last call, by message type."""
+        waited, self._waited = self._waited, {}
+        return waited
 
     def drain(self) -> list[Exchange]:
         """All finished exchanges since the last call, in node order."""

@@ -79,11 +79,14 @@ class RoundRecorder:
             # Resumed: round ``offset`` is already recorded. What the grid carried since
             # (the discovery query of the restart) was counted in round 0 the first time.
             self.grid.drain()
+            self.grid.drain_waited()
             self.rejections.drain()
             self._t_round = time.perf_counter()
             return None
         server_round += self.offset
+        t_eval = time.perf_counter()
         result = self.evaluate(arrays)
+        seconds_eval = time.perf_counter() - t_eval
         loss, accuracy = result.loss, result.metrics["accuracy"]
         rejected = self.rejections.drain()
         exchanges = self.grid.drain()
@@ -93,13 +96,15 @@ class RoundRecorder:
         held = sorted(rejected.items(), key=lambda item: (self.partition_of.get(item[0], -1), item[0]))
         clients += [self._held_back(node, reason) for node, reason in held]
         now = time.perf_counter()
+        wall = now - self._t_round
         record = RoundRecord(
             round=server_round,
             accuracy=accuracy,
             loss=loss,
             train_loss=mean_train_loss(clients) if server_round > 0 else None,
             clients=clients,
-            wall_seconds=now - self._t_round,
+            wall_seconds=wall,
+            time_split=time_split(wall, seconds_eval, self.grid.drain_waited()),
             metrics={k: float(v) for k, v in result.metrics.items() if k != "accuracy"},
             **(self.figures(server_round) if self.figures else {}),
         )
@@ -133,3 +138,17 @@ class RoundRecorder:
             error=rejected or ex.error,
             metrics={k: v for k, v in ex.metrics.items() if k not in ("num-examples", "train_loss")},
         )
+
+
+# Flower's message types, as the time split names them.
+_WAIT_NAMES = {"train": "clients-train", "evaluate": "clients-evaluate"}
+
+
+def time_split(wall: float, server_evaluate: float, waited: dict[str, float]) -> dict[str, float]:
+    """Where a round's ``wall`` seconds went (:attr:`RoundRecord.time_split`): waiting for
+    each kind of client reply, the server's evaluation, and the server's own work (the rest:
+    discovery in round 0 counts as waiting on "query" messages)."""
+    parts = {_WAIT_NAMES.get(kind, f"clients-{kind}"): sec for kind, sec in sorted(waited.items())}
+    parts["server-evaluate"] = server_evaluate
+    parts["server"] = max(wall - sum(parts.values()), 0.0)
+    return {k: round(v, 4) for k, v in parts.items()}

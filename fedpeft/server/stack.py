@@ -10,9 +10,11 @@ Order, innermost first (one function, :func:`strategy_stack`, decides it):
    :mod:`fedpeft.server.user_dp`): clips decoded dense updates, so it sits inside the codec;
 3. :class:`~fedpeft.server.guard.UpdateGuard`: drops broken updates (NaN, wrong names or
    shapes, norms past the bound) before DP or the strategy sees them;
-4. :class:`~fedpeft.server.alpha.AlphaSearch` (``codec.alpha-search``): the server step
-   tuned on validation data;
-5. :class:`~fedpeft.server.transport.CompressedTransport` (a codec is set);
+4. :class:`~fedpeft.server.step.ServerStep` (``[server]``: learning rate, momentum, a
+   scale searched on validation data): the server's step, for coded and dense runs alike;
+5. :class:`~fedpeft.server.transport.CompressedTransport` (a codec is set); it also
+   averages sparse payloads over the clients that sent each coordinate
+   (``server.aggregate = "senders"``) before the strategy sees them;
 6. :class:`~fedpeft.server.budget.PrivacyBudget` (local DP): it sees every reply, also
    one the codec then rejects;
 7. :class:`~fedpeft.server.tap.StrategyMetricsTap`: outermost, keeps what the stack
@@ -30,13 +32,14 @@ from dataclasses import dataclass
 
 from flwr.serverapp.strategy import Strategy
 
+from fedpeft.codecs.registry import build_codec
 from fedpeft.config import ConfigError, RunConfig
 from fedpeft.privacy import RoundPlan
-from fedpeft.server.alpha import AlphaSearch
 from fedpeft.server.budget import PrivacyBudget
 from fedpeft.server.guard import UpdateGuard
 from fedpeft.server.rejections import RejectionLog
 from fedpeft.server.sampling import PoissonSampling
+from fedpeft.server.step import ServerStep
 from fedpeft.server.tap import StrategyMetricsTap
 from fedpeft.server.transport import CompressedTransport
 from fedpeft.server.user_dp import central_dp
@@ -65,9 +68,9 @@ class ServerState:
         if self.budget is not None:
             self.budget.set_plans(plans)
 
-    def alpha_search(self) -> AlphaSearch | None:
-        """The stack's alpha search (``codec.alpha-search``), if any."""
-        return next((s for s in wrapper_chain(self.strategy) if isinstance(s, AlphaSearch)), None)
+    def server_step(self) -> ServerStep | None:
+        """The stack's server step (``[server]``), if any."""
+        return next((s for s in wrapper_chain(self.strategy) if isinstance(s, ServerStep)), None)
 
 
 def server_picks_cohort(cfg: RunConfig) -> bool:
@@ -99,10 +102,11 @@ def strategy_stack(cfg: RunConfig, rejections: RejectionLog) -> tuple[Strategy, 
     if cfg.dp.mode in ("central", "both"):
         strategy = central_dp(strategy, cfg)
     strategy = UpdateGuard(strategy, rejections, cfg.strategy.max_update_norm, cfg.min_replies)
-    if cfg.server_tunes():
-        strategy = AlphaSearch(strategy, cfg.codec.alpha_candidates())
+    if not cfg.server.plain():
+        server = cfg.server
+        strategy = ServerStep(strategy, server.learning_rate, server.momentum, server.search_candidates())
     if cfg.codec.active():
-        strategy = CompressedTransport(strategy, cfg.codec, rejections)
+        strategy = CompressedTransport(strategy, cfg.codec, rejections, aggregate=cfg.server.aggregate)
     budget = None
     if cfg.dp.mode in ("local", "both"):
         strategy = budget = PrivacyBudget(strategy, cfg.dp, rejections)
@@ -119,6 +123,14 @@ def check_compatible(cfg: RunConfig, strategy: Strategy) -> None:
             f"config key 'lora.ranks' gives clients different ranks, which strategy {name!r} cannot "
             "aggregate (shapes differ); use strategy.name = 'flexlora' or 'flora'"
         )
+    if cfg.dp.mode in ("central", "both") and cfg.server.aggregate != "all" and sparse_uplink(cfg):
+        # Dividing a coordinate by the clients that sent it makes each client's weight depend
+        # on the others' payloads: one client more or less changes every other contribution,
+        # so the clipped sum's sensitivity is no longer the clipping norm.
+        raise ConfigError(
+            f"config key 'server.aggregate' = {cfg.server.aggregate!r} weighs each client by the others' payloads, "
+            "which central DP's sensitivity bound does not allow; set server.aggregate = 'all'"
+        )
     if traits.rewrites_arrays:
         # The codec and Flower's central-DP wrappers compute updates as reply - what was sent,
         # which needs the same tensors both ways; these strategies change the layout per node.
@@ -132,3 +144,9 @@ def check_compatible(cfg: RunConfig, strategy: Strategy) -> None:
                 f"strategy {name!r} changes the tensor layout between rounds, which Flower's central "
                 "DP wrappers cannot clip; use dp.mode = 'local'"
             )
+
+
+def sparse_uplink(cfg: RunConfig) -> bool:
+    """Whether the uplink codec sends a subset of the coordinates (top-k, ComPEFT)."""
+    codec = build_codec(cfg.codec.name, cfg.codec.density, cfg.codec.settings())
+    return bool(getattr(codec, "sparse", False))

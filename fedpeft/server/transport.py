@@ -38,6 +38,8 @@ from fedpeft.server.rejections import RejectionLog
 from fedpeft.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, from_record, to_record
 from strategies.wrapper import StrategyWrapper
 
+WEIGHT_KEY = "num-examples"  # what FedAvg weighs replies by (its weighted_by_key default)
+
 
 class CompressedTransport(StrategyWrapper):
     """Wrap ``inner``: compress the downlink, decode uplink payloads before aggregation.
@@ -53,9 +55,11 @@ class CompressedTransport(StrategyWrapper):
         rejections: RejectionLog | None = None,
         *,
         seeded: bool = True,
+        aggregate: str = "senders",
     ) -> None:
         super().__init__(inner)
         self.cfg = cfg
+        self.aggregate = aggregate  # server.aggregate: "all", "senders" or "bounded"
         self.rejections = rejections or RejectionLog()
         self.seeded = seeded
         self._reference: dict[int, dict[str, np.ndarray]] = {}  # round -> the global replies apply to
@@ -133,7 +137,7 @@ class CompressedTransport(StrategyWrapper):
         replies = list(replies)
         for silent in self._sent.pop(server_round, set()) - {r.metadata.src_node_id for r in replies}:
             self._node_version.pop(silent, None)  # may not hold this round's global: resync
-        accepted = []
+        accepted, decoded = [], []
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -142,22 +146,76 @@ class CompressedTransport(StrategyWrapper):
                 continue
             if not codec.passthrough:
                 try:
-                    reply.content[ARRAYS_KEY] = to_record(self._decode(reply, codec, template, reference))
+                    decoded.append((reply, self._decode(reply, codec, template)))
                 except PayloadError as err:
                     self.rejections.reject(node, f"rejected payload ({err.reason}): {err.detail}")
                     continue
             accepted.append(reply)
+        if self.aggregate != "all" and getattr(codec, "sparse", False) and decoded:
+            deltas = over_senders(
+                [d for _, d in decoded], [_weight(r) for r, _ in decoded], bounded=self.aggregate == "bounded"
+            )
+            decoded = [(r, d) for (r, _), d in zip(decoded, deltas, strict=True)]
+        for reply, delta in decoded:
+            reply.content[ARRAYS_KEY] = to_record({k: reference[k] + delta[k] for k in template.names})
         return self.inner.aggregate_train(server_round, accepted)
 
     @staticmethod
-    def _decode(
-        reply: Message, codec: Codec, template: Template, reference: dict[str, np.ndarray]
-    ) -> dict[str, np.ndarray]:
+    def _decode(reply: Message, codec: Codec, template: Template) -> dict[str, np.ndarray]:
+        """The update a reply's payload carries (its size figures added to its metrics)."""
         record = reply.content.array_records.get(ARRAYS_KEY, ArrayRecord())
         payload = payload_of(record, codec)
         delta = codec.decode(payload, template)
         _add_size_metrics(reply, codec.stats_of(payload, template))
-        return {k: reference[k] + delta[k] for k in template.names}
+        return delta
+
+
+def over_senders(
+    deltas: list[dict[str, np.ndarray]], weights: list[float], *, bounded: bool = False
+) -> list[dict[str, np.ndarray]]:
+    """Rescale sparse updates so that any weighted mean over *all* of them (FedAvg, or a
+    user's strategy) becomes, per coordinate, the weighted mean over the clients that sent
+    that coordinate: each client's entry is multiplied by W / W_j, the total weight over
+    the weight of coordinate j's senders.
+
+    Why: under top-k a coordinate comes from a few clients per round, and FedAvg's divide
+    by all of them shrinks the aggregate by about the density (the zeros count as votes
+    for "no change").  A coordinate nobody sent stays 0; a dense update is unchanged.
+
+    ``bounded``: then, if that mean is longer (L2) than the clients' mean update length,
+    scale it down to that length.  A mean of vectors is never longer than their mean
+    length, so a dense mean is untouched; a coordinate sent by one client alone would
+    otherwise count fully, and many such coordinates make a step longer than any client's.
+    """
+    total = float(sum(weights))
+    out = [dict(d) for d in deltas]
+    for name in deltas[0]:
+        sent = sum(np.float32(w) * (d[name] != 0) for d, w in zip(deltas, weights, strict=True))
+        factor = np.divide(np.float32(total), sent, out=np.zeros_like(sent, dtype=np.float32), where=sent > 0)
+        for d in out:
+            d[name] = (d[name] * factor).astype(np.float32)
+    if bounded:
+        mean_len = sum(w * _norm(d) for d, w in zip(deltas, weights, strict=True)) / total
+        mean = {k: np.zeros_like(v) for k, v in out[0].items()}
+        for d, w in zip(out, weights, strict=True):
+            for k in mean:
+                mean[k] += np.float32(w / total) * d[k]
+        length = _norm(mean)
+        if length > mean_len > 0:
+            shrink = np.float32(mean_len / length)
+            out = [{k: (v * shrink).astype(np.float32) for k, v in d.items()} for d in out]
+    return out
+
+
+def _norm(arrays: Mapping[str, np.ndarray]) -> float:
+    return float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in arrays.values())))
+
+
+def _weight(reply: Message) -> float:
+    """A reply's weight in the mean: its ``num-examples`` (FedAvg's default key), else 1."""
+    metrics = reply.content.metric_records.get(METRICS_KEY, MetricRecord())
+    value = metrics.get(WEIGHT_KEY, 1)
+    return float(value) if isinstance(value, (int, float)) and value > 0 else 1.0
 
 
 def _add_size_metrics(reply: Message, stats: EncodeStats) -> None:

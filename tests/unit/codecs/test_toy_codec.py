@@ -24,9 +24,7 @@ def test_toy_codec_keeps_the_codec_contract(toy_registered):
 
 
 def test_toy_codec_runs_a_federation_both_ways(toy_registered, tmp_path):
-    _, rounds = small_run(
-        tmp_path, {"codec.name": "toy-bf16", "codec.downlink": "same", "codec.alpha-search": ""}
-    )
+    _, rounds = small_run(tmp_path, {"codec.name": "toy-bf16", "codec.downlink": "same"})
     assert [r["num_replied"] for r in rounds[1:]] == [3, 3]
     assert all(math.isfinite(r["loss"]) for r in rounds)
     # 16 of every 32 bits travel: the codec's own size figure, read off each payload.

@@ -1,5 +1,5 @@
-"""Transport settings in a whole federation (real apps over DirectGrid): the alpha search
-on validation data, small tensors apart, the density warm-up, the seeded first round,
+"""Transport settings in a whole federation (real apps over DirectGrid): the step search
+on validation data, the mean over senders, small tensors apart, the density warm-up, the seeded first round,
 downlink error feedback, and every registered codec on both directions."""
 
 import math
@@ -11,6 +11,7 @@ from fedpeft.apps.server_app import run_server
 from fedpeft.codecs import CODECS
 from fedpeft.config import ConfigError, RunConfig
 from fedpeft.results import read_rounds
+from fedpeft.server.rejections import RejectionLog
 from fedpeft.testing import DirectGrid
 
 
@@ -30,26 +31,55 @@ def test_every_codec_both_ways_in_a_federation(tiny_overrides, name):
         assert min(ratios) > (1.9 if name == "fp16" else 3.9)
 
 
-def test_alpha_search_records_the_chosen_scale_and_keeps_the_test_set_apart(tiny_overrides):
+def test_step_search_records_the_chosen_scale_and_keeps_the_test_set_apart(tiny_overrides):
     over = tiny_overrides | {
         "codec.name": "compeft",
-        "codec.alpha-search": "1,4",
+        "server.step-search": "1,4",
         "data.validation-examples": 20,
     }
     rounds = _run(over)
-    assert all(r["codec_alpha"] in (1.0, 4.0) for r in rounds[1:])
-    assert rounds[0].get("codec_alpha") is None
+    assert all(r["step_scale"] in (1.0, 4.0) for r in rounds[1:])
+    assert rounds[0].get("step_scale") is None
+    # the round's time, split: the search is server work; the parts add up to the wall time
+    for r in rounds[1:]:
+        split = r["time_split"]
+        assert set(split) == {"clients-train", "server-evaluate", "server"}
+        assert split["clients-train"] > 0 and sum(split.values()) == pytest.approx(
+            r["wall_seconds"], abs=0.01
+        )
     dense = RunConfig.from_run_config(tiny_overrides)
     coded = RunConfig.from_run_config(tiny_overrides | {"codec.name": "compeft"})
+    searched = RunConfig.from_run_config(tiny_overrides | {"server.step-search": "1,2"})
     from fedpeft.tasks import classification as task
 
-    assert len(task.server_splits(dense)[0]) == 0  # no tuning: every held-out example tests
-    held_out = len(task.split(coded)[1])
-    assert len(task.server_splits(coded)[0]) == max(round(0.2 * held_out), min(32, held_out // 2))
-    with pytest.raises(ConfigError, match="alpha-search"):
+    # the default needs no server data, coded or not: every held-out example tests
+    assert len(task.server_splits(dense)[0]) == 0 and len(task.server_splits(coded)[0]) == 0
+    held_out = len(task.split(searched)[1])  # a dense run can search too
+    assert len(task.server_splits(searched)[0]) == max(round(0.2 * held_out), min(32, held_out // 2))
+    with pytest.raises(ConfigError, match="step-search"):
         RunConfig.from_run_config(
-            tiny_overrides | {"codec.alpha-search": "1,x", "data.validation-examples": 5}
+            tiny_overrides | {"server.step-search": "1,x", "data.validation-examples": 5}
         )
+
+
+def test_sender_mean_only_changes_sparse_runs_and_refuses_central_dp(tiny_overrides):
+    base = tiny_overrides | {"num-rounds": 1}
+    dense = {
+        mode: _run(base | {"run-name": f"dense-{mode}", "server.aggregate": mode})
+        for mode in ("senders", "all")
+    }
+    assert dense["senders"][-1]["loss"] == dense["all"][-1]["loss"]  # a dense run is the same
+    coded = {
+        mode: _run(base | {"run-name": f"coded-{mode}", "codec.name": "compeft", "server.aggregate": mode})
+        for mode in ("senders", "all")
+    }
+    assert coded["senders"][-1]["loss"] != coded["all"][-1]["loss"]
+    from fedpeft.server.stack import strategy_stack
+
+    central = base | {"codec.name": "compeft", "dp.mode": "central"}
+    with pytest.raises(ConfigError, match="server.aggregate"):
+        strategy_stack(RunConfig.from_run_config(central), RejectionLog())
+    strategy_stack(RunConfig.from_run_config(central | {"server.aggregate": "all"}), RejectionLog())
 
 
 def test_small_tensors_travel_apart_and_warmup_sends_more_early(tiny_overrides):
