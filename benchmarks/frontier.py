@@ -332,7 +332,9 @@ def frontier(args: argparse.Namespace, work: Workload, folder: Path, tag: str) -
     metric = work.metric
     runs = frontier_runs(args.seeds, args.rows)
     jobs = [(slug(lb, sd), work.base | budget(work, args) | {"seed": sd} | ov) for lb, sd, ov in runs]
-    full = ("full-model-1-round", work.base | budget(work, args) | {"num-rounds": 1} | work.full_model)
+    # A message's size does not depend on the number of clients or steps: 2 clients, 1 step.
+    one = {"num-rounds": 1, "num-clients": 2, "min-train-clients": 2, "train.max-steps": 1}
+    full = ("full-model-1-round", work.base | budget(work, args) | one | work.full_model)
     t0 = time.perf_counter()
     run_all(folder, [full, *jobs], args.workers)
     seconds = time.perf_counter() - t0

@@ -459,13 +459,15 @@ class ServerConfig(Section, section="server"):
     compressed run (the frontier compares them at equal footing).
     """
 
-    # How a sparse update's coordinates are averaged: "senders" divides each coordinate by
-    # the (example-weighted) clients whose payload carried it; "all" by every client, as
-    # FedAvg does with the zeros a top-k codec leaves.  Identical for dense codecs (every
-    # client sends every coordinate), so a dense run is the same under both.
-    # "bounded": "senders", then the mean is shortened to the clients' mean update length
-    # when it is longer (never for a dense mean).
-    aggregate: str = field(default="senders", metadata=_choices("senders", "bounded", "all"))
+    # How a sparse update's coordinates are averaged (fedpeft.server.transport.over_senders):
+    # "senders" divides each coordinate by the (example-weighted) clients whose payload
+    # carried it; "bounded" (the default, data-free) does the same, then shortens the mean to
+    # the clients' mean update length when it is longer; "all" divides by every client, as
+    # FedAvg does with the zeros a top-k codec leaves.  All three are the same for a dense
+    # codec (every client sends every coordinate, and a dense mean is never longer than the
+    # mean length), so a dense run gets the same server setting by construction.  Chosen on
+    # BBC News (benchmarks/results/frontier_ablation_bbc-news.md).
+    aggregate: str = field(default="bounded", metadata=_choices("bounded", "senders", "all"))
     learning_rate: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
     momentum: float = field(default=0.0, metadata=_range(0.0, 0.999))
     # Scales of the step tried each round on the server's validation split (needs labelled

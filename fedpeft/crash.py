@@ -226,7 +226,7 @@ def drill(
 
 
 #: Per-round fields that differ between two runs of the same seed by design.
-TIMING_FIELDS = ("wall_seconds",)
+TIMING_FIELDS = ("wall_seconds", "time_split")
 #: Byte fields of a whole message: they include node ids, which Flower's engines draw at random.
 MESSAGE_BYTE_FIELDS = ("bytes_up", "bytes_down", "cum_bytes_up", "cum_bytes_down")
 

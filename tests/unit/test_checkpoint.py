@@ -18,6 +18,7 @@ from fedpeft.checkpoint import (
     write_atomic,
 )
 from fedpeft.config import RunConfig
+from fedpeft.crash import TIMING_FIELDS
 from fedpeft.results import read_rounds
 from fedpeft.testing import DirectGrid, seeded_node_ids
 
@@ -54,7 +55,7 @@ def _without_timing(rounds):
     """Records minus what differs between engines by design: wall time and node ids."""
     out = []
     for r in rounds:
-        row = {k: v for k, v in r.items() if k != "wall_seconds"}
+        row = {k: v for k, v in r.items() if k not in TIMING_FIELDS}
         row["clients"] = [{k: v for k, v in c.items() if k != "node_id"} for c in r["clients"]]
         out.append(row)
     return out

@@ -9,6 +9,7 @@ from flwr.common.serde import message_to_proto
 from fedpeft.apps import client_app as client_module
 from fedpeft.apps.server_app import run_server
 from fedpeft.config import RunConfig
+from fedpeft.crash import TIMING_FIELDS
 from fedpeft.results import read_rounds
 from fedpeft.server.discovery import ClientDiscoveryError
 from fedpeft.testing import DirectGrid, seeded_node_ids
@@ -78,7 +79,7 @@ def test_same_seed_same_rounds_different_seed_differs(tiny_cfg, tmp_path):
     assert loss[0] != loss[2]
     # In process, the records agree to the byte, node ids included (they come from the seed).
     untimed = [
-        [{k: v for k, v in r.items() if k != "wall_seconds"} for r in read_rounds(d)] for d in (a, b, c)
+        [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in read_rounds(d)] for d in (a, b, c)
     ]
     assert untimed[0] == untimed[1]
     ids = [{cl["node_id"] for cl in read_rounds(d)[1]["clients"]} for d in (a, c)]
