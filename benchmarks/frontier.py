@@ -336,12 +336,19 @@ def frontier(args: argparse.Namespace, work: Workload, folder: Path, tag: str) -
     one = {"num-rounds": 1, "num-clients": 2, "min-train-clients": 2, "train.max-steps": 1}
     full = ("full-model-1-round", work.base | budget(work, args) | one | work.full_model)
     t0 = time.perf_counter()
-    run_all(folder, [full, *jobs], args.workers)
+    if not args.report_only:
+        run_all(folder, [full, *jobs], args.workers)
     seconds = time.perf_counter() - t0
-    full_up = up_per_client_round(read_rounds(folder / full[0]))
+    full_up = (
+        up_per_client_round(read_rounds(folder / full[0])) if finished(folder / full[0]) else float("nan")
+    )
     by_label: dict[str, list[list[dict[str, Any]]]] = {}
+    missing = []
     for label, seed, _ in runs:
-        by_label.setdefault(label, []).append(read_rounds(folder / slug(label, seed)))
+        if finished(folder / slug(label, seed)):
+            by_label.setdefault(label, []).append(read_rounds(folder / slug(label, seed)))
+        else:  # --report-only over a partial set
+            missing.append(slug(label, seed))
     dense_ok, last3 = converged(by_label[DENSE], metric)
 
     def target_of(*dense_rows: str) -> tuple[float, float]:
@@ -383,6 +390,8 @@ def frontier(args: argparse.Namespace, work: Workload, folder: Path, tag: str) -
         f"{dense_ok} ({', '.join(f'{100 * a:.1f}%' for a in last3)}); full-model FedAvg uplink per "
         f"client-round {human_bytes(round(full_up))}; {seconds / 60:.0f} min on this machine."
     )
+    if missing:
+        head += f" Not run: {', '.join(missing)}."
     body = "\n".join(f"- {line}" for line in lines)
     print(f"\n{head}\n{body}\n\n{text}")
     (RESULTS / f"frontier_{tag}.md").write_text(
@@ -401,13 +410,22 @@ def frontier(args: argparse.Namespace, work: Workload, folder: Path, tag: str) -
     }
 
 
+def finished(run_dir: Path) -> bool:
+    """Whether a run wrote its final adapter (its last act)."""
+    return (run_dir / "adapter").is_dir()
+
+
 def ablation(args: argparse.Namespace, work: Workload, folder: Path) -> dict[str, Any]:
     labels = [lb for lb, _ in ABLATION if not args.only or lb in args.only.split(";")]
     jobs = [(slug(lb, 0), work.base | budget(work, args) | dict(ABLATION)[lb]) for lb in labels]
     t0 = time.perf_counter()
-    run_all(folder, jobs, args.workers)
+    if not args.report_only:
+        run_all(folder, jobs, args.workers)
     rows, records = [], []
     for label in labels:
+        if not finished(folder / slug(label, 0)):
+            rows.append([label, "not run", "-", "-", "-", "-"])
+            continue
         s = summarize(folder / slug(label, 0))
         rounds = s.rounds
         scales = [r["step_scale"] for r in rounds if r.get("step_scale") is not None]
@@ -461,6 +479,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="runs at once (one CPU core each)")
     ap.add_argument("--ablation", action="store_true")
     ap.add_argument("--only", default="", help="ablation rows to run (labels, ';'-separated)")
+    ap.add_argument("--report-only", action="store_true", help="tables from the finished runs; run nothing")
     ap.add_argument("--out", default="results/benchmarks/frontier", help="where the run folders go")
     args = ap.parse_args()
     work = WORKLOADS[args.workload]
