@@ -46,6 +46,8 @@ class CompressedTransport(StrategyWrapper):
 
     ``seeded``: the first global the inner strategy sends is the seeded initial state that
     every node builds for itself (a fresh run), so round 1 sends only its checksum.
+    ``aggregate`` (``server.aggregate``): how a sparse codec's decoded updates are prepared
+    for the inner strategy's mean (:func:`over_senders`); "all" leaves them as decoded.
     """
 
     def __init__(
@@ -55,7 +57,7 @@ class CompressedTransport(StrategyWrapper):
         rejections: RejectionLog | None = None,
         *,
         seeded: bool = True,
-        aggregate: str = "senders",
+        aggregate: str = "bounded",
     ) -> None:
         super().__init__(inner)
         self.cfg = cfg
