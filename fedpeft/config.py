@@ -407,8 +407,14 @@ class CodecConfig(Section, section="codec"):
     # Server -> client: a registered codec applied to the change of the global model, or
     # "same" (the uplink's codec: "none" stays dense, "compeft" codes both ways).
     downlink: str = field(default="same", metadata={"registry": _downlink_names})
-    # Density of the downlink codec (0 = the uplink's).
-    downlink_density: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    # Density of the downlink codec (0 = the uplink's).  The downlink carries the change of
+    # the global model: the union of the clients' sparse updates, denser than any one of
+    # them.  A sparser downlink leaves most of that change on the server (its error
+    # feedback), the clients train from a copy that falls behind, and the server's model
+    # drifts from the points the updates were computed at (measured: server test loss
+    # rising while the clients' training loss falls, benchmarks/results/frontier_ablation_*).
+    # At density 1 ComPEFT is one sign bit per entry and a scale per tensor, no positions.
+    downlink_density: float = field(default=1.0, metadata=_range(0.0, 1.0))
     # The server keeps what its downlink lost and sends it later (else it is dropped).
     downlink_error_feedback: bool = True
     # Denser early rounds: the density falls linearly from warmup-density to density over
