@@ -49,8 +49,8 @@ def test_codec_both_directions(tiny_overrides, dense_rounds, downlink):
         assert down[0] < dense_down / 100
     if downlink == "fp16":  # then fp16 deltas
         assert all(0.45 * dense_down < d < 0.55 * dense_down for d in down[1:])
-    if downlink == "compeft":  # then coded deltas
-        assert all(d < dense_down / 25 for d in down[1:])
+    if downlink == "compeft":  # then coded deltas, density 1 by default: under 2 bits per entry
+        assert all(d < dense_down / 16 for d in down[1:])
     assert all(math.isfinite(r["loss"]) for r in rounds)
     assert rounds[-1]["loss"] < rounds[0]["loss"]
 
