@@ -13,8 +13,8 @@ Order, innermost first (one function, :func:`strategy_stack`, decides it):
 4. :class:`~fedpeft.server.step.ServerStep` (``[server]``: learning rate, momentum, a
    scale searched on validation data): the server's step, for coded and dense runs alike;
 5. :class:`~fedpeft.server.transport.CompressedTransport` (a codec is set); it also
-   averages sparse payloads over the clients that sent each coordinate
-   (``server.aggregate = "senders"``) before the strategy sees them;
+   averages sparse payloads over the clients that sent each coordinate, no longer than
+   their mean update (``server.aggregate = "bounded"``), before the strategy sees them;
 6. :class:`~fedpeft.server.budget.PrivacyBudget` (local DP): it sees every reply, also
    one the codec then rejects;
 7. :class:`~fedpeft.server.tap.StrategyMetricsTap`: outermost, keeps what the stack
