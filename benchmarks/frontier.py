@@ -28,7 +28,7 @@ server step and any search).  Dense has converged when its mean accuracy moved l
 Runs are resumable: a finished run is skipped, an interrupted one resumes from its last
 checkpoint.  ``--ablation`` measures the data-free aggregation one change at a time.
 
-    .venv/bin/python -m benchmarks.frontier --workload bbc-news [--rounds 20] [--seeds 3]
+    .venv/bin/python -m benchmarks.frontier --workload bbc-news [--rounds 30] [--seeds 3]
     .venv/bin/python -m benchmarks.frontier --workload fashion-mnist --seeds 1
     .venv/bin/python -m benchmarks.frontier --ablation --rounds 15 [--workload wordnet-nouns]
 """
@@ -72,7 +72,7 @@ class Workload:
 
 MINILM = {"num-clients": 10, "data.partitioner": "dirichlet", "data.alpha": 0.5, "device": "cpu"}
 WORKLOADS: dict[str, Workload] = {
-    "bbc-news": Workload(MINILM, 20, 4, 89, True, note="MiniLM LoRA r=8, 10 clients, Dirichlet 0.5"),
+    "bbc-news": Workload(MINILM, 30, 4, 89, True, note="MiniLM LoRA r=8, 10 clients, Dirichlet 0.5"),
     "wordnet-nouns": Workload(
         MINILM | {"data.dataset": "wordnet-nouns", "data.max-examples": 6000},
         15,
