@@ -29,14 +29,14 @@ def machine() -> dict[str, Any]:
 def run_inprocess(
     overrides: dict[str, Any], results_dir: str, name: str
 ) -> tuple[Any, list[dict[str, Any]], float]:
-    """One federation through the real apps over the in-process grid (``fedpeft.testing``:
+    """One federation through the real apps over the in-process grid (``fedpeft.running.inprocess``:
     the same messages, byte meter and records as on Ray, without Ray's start-up per run).
     Returns (its RunConfig, its round records, wall seconds)."""
     from fedpeft.apps import client_app
     from fedpeft.apps.server_app import run_server
     from fedpeft.config import RunConfig
-    from fedpeft.results import read_rounds
-    from fedpeft.testing import DirectGrid
+    from fedpeft.results.records import read_rounds
+    from fedpeft.running.inprocess import DirectGrid
 
     cfg = RunConfig.from_run_config(overrides | {"results-dir": results_dir, "run-name": name})
     t0 = time.perf_counter()

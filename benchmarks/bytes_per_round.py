@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 
 from benchmarks._common import table, write
-from fedpeft.launch import RayOptions, simulate
-from fedpeft.results import read_rounds
-from fedpeft.runtime import quiet_libraries
+from fedpeft.models import quiet_libraries
+from fedpeft.results.records import read_rounds
+from fedpeft.running.launch import RayOptions, simulate
 
 
 def one_round(method: str, clients: int, tmp: str) -> dict[str, float]:

@@ -5,7 +5,7 @@ FedAdam + local DP-SGD with a budget + injected failures), one run is left alone
 then, per drill, the same run is SIGKILLed -- whole process tree, no clean-up -- at
 seeded moments: random times, and named crash points (a client just trained, the server
 about to aggregate, a round record half appended, the checkpoint half written, a
-client's state half written; see :mod:`fedpeft.crash`), resumed after each kill (or
+client's state half written; see :mod:`fedpeft.recovery.crash`), resumed after each kill (or
 started again if no round was checkpointed yet), and finally let finish.  Each drill's
 per-round records (losses, accuracies, epsilons, who failed and why, bytes) and final
 adapter must equal the undisturbed run's, to the bit.
@@ -33,8 +33,8 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from benchmarks._common import RESULTS, table, write
-from fedpeft.crash import comparable, drill, plan_kills, run_once
-from fedpeft.results import read_rounds
+from fedpeft.recovery.crash import comparable, drill, plan_kills, run_once
+from fedpeft.results.records import read_rounds
 
 BASE: dict[str, Any] = {
     "num-rounds": 4,

@@ -23,7 +23,7 @@ import tempfile
 from typing import Any
 
 from benchmarks._common import RESULTS, run_inprocess, table, write
-from fedpeft.runtime import quiet_libraries
+from fedpeft.models import quiet_libraries
 
 METHODS: dict[str, dict[str, Any]] = {
     "lora": {},

@@ -39,7 +39,7 @@ import time
 from typing import Any
 
 from benchmarks._common import RESULTS, run_inprocess, table, write
-from fedpeft.runtime import quiet_libraries
+from fedpeft.models import quiet_libraries
 
 # Run-config overrides of each method (FFA-LoRA: LoRA with A frozen; its strategy implies it).
 METHODS: dict[str, dict[str, Any]] = {

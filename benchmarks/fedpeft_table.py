@@ -10,7 +10,7 @@ Part 2: LoRA FedAvg vs FFA-LoRA vs FlexLoRA vs FLoRA.  FlexLoRA and FLoRA run wi
 heterogeneous ranks (2, 4, 8, 16 cycled over the clients) and at a uniform rank 8;
 FedAvg and FFA-LoRA cannot mix ranks (the factors' shapes differ), so they run at rank 8.
 
-Runs use the real ServerApp and ClientApp over the in-process grid (``fedpeft.testing``:
+Runs use the real ServerApp and ClientApp over the in-process grid (``fedpeft.running.inprocess``:
 the same messages, byte meter and records as on Ray, without Ray's start-up per run).
 Every method gets its own learning rate (the table lists it; none was tuned beyond a
 literature default).  Writes ``benchmarks/results/fedpeft_table.{json,md,png}``.
@@ -28,9 +28,8 @@ from typing import Any
 
 from benchmarks._common import RESULTS, run_inprocess, table, write
 from fedpeft.config import RunConfig
-from fedpeft.models import METHODS, get_model
-from fedpeft.results import human_bytes
-from fedpeft.runtime import quiet_libraries
+from fedpeft.models import METHODS, get_model, quiet_libraries
+from fedpeft.results.records import human_bytes
 from fedpeft.tasks import get_task
 
 # AdamW learning rates: LoRA's default; the usual 5e-5 for full fine-tuning; prompt-style

@@ -32,8 +32,8 @@ from typing import Any
 
 from benchmarks._common import RESULTS, table, write
 from benchmarks.fedpeft_table import run
-from fedpeft.results import human_bytes
-from fedpeft.runtime import quiet_libraries
+from fedpeft.models import quiet_libraries
+from fedpeft.results.records import human_bytes
 
 NAME = "fedpeft_vision"
 

@@ -49,9 +49,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import RESULTS, table, write
-from fedpeft.checkpoint import CHECKPOINT_FILE
-from fedpeft.report import make_report
-from fedpeft.results import human_bytes, read_rounds
+from fedpeft.recovery.checkpoint import CHECKPOINT_FILE
+from fedpeft.results.records import human_bytes, read_rounds
+from fedpeft.results.report import make_report
 
 
 @dataclass(frozen=True)

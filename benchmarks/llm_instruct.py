@@ -20,7 +20,7 @@ Variants, every one at the same budget (rounds x clients x steps x batch example
 seed.  Round 0 of every run is the base model.  Bytes per client per round are measured
 messages (both ways) and are put against the full model's float32 size (538 MB: what
 full fine-tuning would send each way).  Runs use the real apps over the in-process grid
-(``fedpeft.testing.DirectGrid``: the same messages, meter and records as on Ray).
+(``fedpeft.running.inprocess.DirectGrid``: the same messages, meter and records as on Ray).
 Writes ``benchmarks/results/llm_instruct.{json,md}``.
 
     .venv/bin/python -m benchmarks.llm_instruct [--rounds 4 --steps 4 --seeds 0,1,2]
@@ -35,8 +35,8 @@ from typing import Any
 
 from benchmarks._common import RESULTS, run_inprocess, table, write
 from fedpeft.config import RunConfig
-from fedpeft.results import human_bytes
-from fedpeft.runtime import quiet_libraries
+from fedpeft.models import quiet_libraries
+from fedpeft.results.records import human_bytes
 from fedpeft.tasks.model import task_model
 
 BASE: dict[str, Any] = {

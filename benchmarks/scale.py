@@ -1,7 +1,7 @@
 """Per-round wall time and peak memory as the number of virtual clients grows.
 
 For each total (default 10, 100, 1,000, 10,000) one real simulation runs through
-``fedpeft.launch.simulate`` (Flower's engine on Ray, the real ServerApp and ClientApp,
+``fedpeft.running.launch.simulate`` (Flower's engine on Ray, the real ServerApp and ClientApp,
 MiniLM + LoRA, WordNet nouns split IID) with 10 clients sampled per round and the
 ComPEFT codec on with error feedback, so every client that has trained keeps a
 persistent state (its residual, the codec's copy of the global) in ``Context.state``
@@ -64,8 +64,8 @@ def overrides_for(total: int, args: argparse.Namespace, results_dir: str) -> dic
 
 # ---------------------------------------------------------------------- child: one point
 def run_point(total: int, args: argparse.Namespace, results_dir: str) -> None:
-    from fedpeft.launch import RayOptions, simulate
-    from fedpeft.runtime import quiet_libraries
+    from fedpeft.models import quiet_libraries
+    from fedpeft.running.launch import RayOptions, simulate
 
     quiet_libraries()
     simulate(overrides_for(total, args, results_dir), RayOptions(cpus_per_client=1.0))

@@ -2,7 +2,7 @@
 
 The same total local work -- same clients, steps, batch size, sequence length, seeds and
 the same server-side evaluation each round -- is run (a) as a real simulation through
-``fedpeft.launch.simulate`` (Flower's engine, Ray actors, protobuf-sized messages) and
+``fedpeft.running.launch.simulate`` (Flower's engine, Ray actors, protobuf-sized messages) and
 (b) as a plain loop in this process over clients that share one model.  Reported: wall
 seconds of each, the steady-state ratio b/a over rounds 1..R (start-up excluded), the
 start-up itself, and how often each Ray worker built its model (once per worker, not
@@ -23,10 +23,10 @@ import torch
 
 from benchmarks._common import table, write
 from fedpeft.config import RunConfig
-from fedpeft.launch import RayOptions, simulate
-from fedpeft.models import build_model
-from fedpeft.results import read_rounds
-from fedpeft.runtime import derive_seed, quiet_libraries
+from fedpeft.models import build_model, quiet_libraries
+from fedpeft.results.records import read_rounds
+from fedpeft.running.launch import RayOptions, simulate
+from fedpeft.runtime import derive_seed
 from fedpeft.tasks import get_task
 from fedpeft.training import train_local
 

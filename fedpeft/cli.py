@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from fedpeft.config import ConfigError, ConfigValue, config_schema
 
 if TYPE_CHECKING:
-    from fedpeft.launch import RayOptions
+    from fedpeft.running.launch import RayOptions
 
 
 def _add_engine_options(cmd: argparse.ArgumentParser, *, engine_default: str | None = "ray") -> None:
@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_engine_options(run)
     sweep = sub.add_parser("sweep", help="run every point of a sweep file (skips finished points, resumes)")
-    sweep.add_argument("sweep_file", metavar="SWEEP.toml", help="a sweep file (see fedpeft.sweep)")
+    sweep.add_argument("sweep_file", metavar="SWEEP.toml", help="a sweep file (see fedpeft.results.sweep)")
     sweep.add_argument("--jobs", type=int, default=None, help="points at once (default: the file's, else 1)")
     sweep.add_argument("--dry-run", action="store_true", help="validate and list the points, run nothing")
     _add_engine_options(sweep, engine_default=None)
@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _ray_options(args: argparse.Namespace) -> RayOptions:
-    from fedpeft.launch import RayOptions
+    from fedpeft.running.launch import RayOptions
 
     return RayOptions(
         cpus_per_client=args.cpus_per_client,
@@ -94,7 +94,7 @@ def _ray_options(args: argparse.Namespace) -> RayOptions:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from fedpeft.report import DEFAULT_TARGET, make_report
+    from fedpeft.results.report import DEFAULT_TARGET, make_report
 
     out = args.out or str(Path(args.paths[0]) / "report")
     rep = make_report(args.paths, out, DEFAULT_TARGET if args.target is None else args.target)
@@ -104,8 +104,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from fedpeft.launch import quiet_flower
-    from fedpeft.sweep import Sweep, describe, run_sweep
+    from fedpeft.results.sweep import Sweep, describe, run_sweep
+    from fedpeft.running.launch import quiet_flower
 
     quiet_flower(args.verbose)  # validating every point builds its strategy: Flower's notes, once each
     spec = Sweep.load(args.sweep_file)
@@ -134,7 +134,7 @@ def _add_deploy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 def _overrides(args: argparse.Namespace) -> dict[str, ConfigValue]:
     """The experiment file's overrides, then every ``--set`` (``run`` and ``deploy``)."""
-    from fedpeft.launch import load_experiment, parse_set
+    from fedpeft.running.launch import load_experiment, parse_set
 
     overrides = load_experiment(args.experiment) if args.experiment else {}
     return overrides | parse_set(args.sets)
@@ -142,7 +142,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, ConfigValue]:
 
 def _deploy(args: argparse.Namespace) -> int:
     """``fedpeft deploy``: one run on real Flower processes; prints results and traffic."""
-    from fedpeft.deploy import deploy
+    from fedpeft.running.deploy import deploy
 
     result = deploy(_overrides(args), supernodes=args.supernodes, tls=args.tls, work_dir=args.work_dir)
     print(f"fedpeft deploy: run {result.run_id} {result.status} in {result.wall_seconds:.1f} s")
@@ -176,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             default = ",".join(fld.default) if isinstance(fld.default, tuple) else fld.default
             print(f"{key} = {default!r}")
         return 0
-    from fedpeft.checkpoint import CheckpointError
-    from fedpeft.deploy import DeploymentError
-    from fedpeft.launch import resume_overrides, simulate
+    from fedpeft.recovery.checkpoint import CheckpointError
+    from fedpeft.running.deploy import DeploymentError
+    from fedpeft.running.launch import resume_overrides, simulate
     from strategies import StrategyError
 
     try:

@@ -3,7 +3,7 @@
 A reader sees the old file or the new one, never half of either (``os.replace`` is atomic
 on POSIX), and the new content is on disk before the rename.  The temporary is
 ``.<name>.<pid>.tmp`` next to the target, so a crash leaves only such dot-files behind
-(:func:`fedpeft.checkpoint.remove_stale_temporaries` clears them).
+(:func:`fedpeft.recovery.checkpoint.remove_stale_temporaries` clears them).
 """
 
 from __future__ import annotations

@@ -8,10 +8,7 @@ which client or in what order replies arrived.
 from __future__ import annotations
 
 import hashlib
-import logging
-import os
 import random
-import warnings
 
 import numpy as np
 import torch
@@ -39,23 +36,3 @@ def resolve_device(name: str) -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def quiet_libraries() -> None:
-    """Keep transformers' load reports, progress bars and HF telemetry off the terminal."""
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from fedpeft.models.backbone import quiet_transformers  # only fedpeft.models imports transformers
-
-    quiet_transformers()
-    # Deprecation notices of our pinned stack are not the user's concern.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|ray)\.")
-    for name in ("datasets", "peft", "filelock"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover - datasets is a hard dependency
-        pass

@@ -13,32 +13,20 @@ default.  Now:
   filled in place behind its back.
 * :class:`RemapsNodes` -- a layer with per-node state renames node ids after a restart
   (a new engine gives the same partitions new ids).
-* :func:`inner_of` / :func:`wrapper_chain` -- the strategy a wrapper wraps: this project's
-  :class:`~strategies.wrapper.StrategyWrapper` (``inner``) and Flower's DP wrappers
-  (``strategy``), the only two wrapper families there are.
+
+The questions walk the whole stack with :func:`strategies.wrapper.wrapper_chain`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from flwr.serverapp.strategy import (
-    DifferentialPrivacyClientSideAdaptiveClipping,
-    DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideAdaptiveClipping,
-    DifferentialPrivacyServerSideFixedClipping,
-    Strategy,
-)
+from flwr.serverapp.strategy import Strategy
 
-#: Flower's wrappers keep the wrapped strategy as ``.strategy``.
-FLOWER_WRAPPERS = (
-    DifferentialPrivacyClientSideAdaptiveClipping,
-    DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideAdaptiveClipping,
-    DifferentialPrivacyServerSideFixedClipping,
-)
+from strategies.wrapper import wrapper_chain
+
 #: Attribute names of the duck-typed declarations this module replaced.
 LEGACY_NAMES = ("conformance_traits", "supports_heterogeneous_ranks", "rewrites_arrays")
 
@@ -103,28 +91,6 @@ class RemapsNodes(Protocol):
 
     def remap_nodes(self, mapping: Mapping[int, int]) -> None:
         """``old node id -> new node id`` for every node that serves the same partition."""
-
-
-def inner_of(strategy: Strategy) -> Strategy | None:
-    """The strategy ``strategy`` wraps, or None for a strategy that wraps nothing."""
-    from strategies.wrapper import StrategyWrapper  # wrapper.py imports this module
-
-    if isinstance(strategy, StrategyWrapper):
-        return strategy.inner
-    if isinstance(strategy, FLOWER_WRAPPERS):
-        inner: Strategy = strategy.strategy
-        return inner
-    return None
-
-
-def wrapper_chain(strategy: Strategy) -> Iterator[Strategy]:
-    """``strategy``, then each strategy it wraps, outermost first."""
-    seen: set[int] = set()
-    current: Strategy | None = strategy
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = inner_of(current)
 
 
 def hand_client_ranks(strategy: Strategy, ranks: Mapping[int, int]) -> None:

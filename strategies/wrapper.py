@@ -3,19 +3,35 @@
 Flower adds DP as wrappers around a strategy; fedpeft adds its codec and privacy budget
 the same way.  A wrapper subclasses :class:`StrategyWrapper` and overrides only the
 calls it changes, so it composes with any strategy, Flower's or a user's.
+
+:func:`inner_of` / :func:`wrapper_chain` find the strategy a wrapper wraps: this project's
+:class:`StrategyWrapper` (``inner``) and Flower's DP wrappers (``strategy``), the only two
+wrapper families there are.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    Strategy,
+)
 
-from strategies.traits import wrapper_chain
+__all__ = ["StrategyWrapper", "inner_of", "wrapper_chain"]
 
-__all__ = ["StrategyWrapper", "wrapper_chain"]
+#: Flower's wrappers keep the wrapped strategy as ``.strategy``.
+FLOWER_WRAPPERS = (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+)
 
 
 class StrategyWrapper(Strategy):
@@ -44,3 +60,23 @@ class StrategyWrapper(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.inner.aggregate_evaluate(server_round, replies)
+
+
+def inner_of(strategy: Strategy) -> Strategy | None:
+    """The strategy ``strategy`` wraps, or None for a strategy that wraps nothing."""
+    if isinstance(strategy, StrategyWrapper):
+        return strategy.inner
+    if isinstance(strategy, FLOWER_WRAPPERS):
+        inner: Strategy = strategy.strategy
+        return inner
+    return None
+
+
+def wrapper_chain(strategy: Strategy) -> Iterator[Strategy]:
+    """``strategy``, then each strategy it wraps, outermost first."""
+    seen: set[int] = set()
+    current: Strategy | None = strategy
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = inner_of(current)

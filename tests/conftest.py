@@ -6,14 +6,14 @@ import os
 
 import pytest
 
-# Every test that starts Ray keeps it on loopback and quiet (see fedpeft.launch).
+# Every test that starts Ray keeps it on loopback and quiet (see fedpeft.running.launch).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedpeft.config import RunConfig
-from fedpeft.runtime import quiet_libraries
+from fedpeft.models import quiet_libraries
 
 quiet_libraries()
 

@@ -6,7 +6,8 @@ of fedpeft but its door to Flower's internals; only ``fedpeft.models`` imports p
 it and ``fedpeft.tasks`` (tokenizers, collators) import transformers; only
 ``fedpeft.privacy`` imports opacus (and its accounting imports only opacus' accountants: no
 torch, Flower or models); only ``fedpeft.flower_compat`` touches Flower's private modules
-(the simulation engine included).
+(the simulation engine included).  And no two modules import each other, however deep in
+a function the import sits: a cycle held apart by a function-level import is still a cycle.
 """
 
 import ast
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-APP_LAYER = {"fedpeft.apps", "fedpeft.launch", "fedpeft.deploy", "fedpeft.cli", "fedpeft.sweep"}
+APP_LAYER = {"fedpeft.apps", "fedpeft.running", "fedpeft.cli", "fedpeft.results.sweep"}
 # Flower's public API: what these packages (with flwr.serverapp.strategy, flwr.clientapp.mod)
 # export.  Every other flwr module (flwr.common, flwr.supercore, flwr.server, flwr.proto,
 # flwr.compat, flwr.supernode, flwr.simulation, ...) and flwr itself are private.
@@ -91,3 +92,88 @@ def test_private_flower_modules_are_told_apart():
         map(private, ["flwr.server.superlink.fleet.vce", "flwr.proto.message_pb2", "flwr.compat.client"])
     )
     assert not any(map(private, ["flwr.app", "flwr.serverapp.strategy", "flwr.clientapp.mod", "flwrx"]))
+
+
+def _runtime_imports(module: str, path: Path) -> set[str]:
+    """The package modules ``module`` imports when it runs, at any depth of its code (a
+    function-level import too; ``if TYPE_CHECKING:`` blocks are not run, so not counted)."""
+    known = dict(_modules("fedpeft")) | dict(_modules("strategies"))
+    tree = ast.parse(path.read_text())
+    skipped = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+        for stmt in node.body
+        for inner in ast.walk(stmt)
+    }
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped or not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # ``from pkg import sub`` needs the module pkg.sub; ``from pkg import name``, pkg itself.
+            names = [
+                f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in known else node.module
+                for alias in node.names
+            ]
+        for name in names:
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                found.add(name)
+    return found
+
+
+def import_cycles() -> list[set[str]]:
+    """Every set of modules that import each other, directly or round about (Tarjan's SCCs)."""
+    graph = {
+        name: _runtime_imports(name, path)
+        for pkg in ("fedpeft", "strategies")
+        for name, path in _modules(pkg)
+    }
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(component)
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_no_import_cycles():
+    cycles = [sorted(c) for c in import_cycles()]
+    assert not cycles, f"modules that import each other (function-level imports included): {cycles}"
+
+
+def test_the_cycle_finder_sees_function_level_imports(tmp_path, monkeypatch):
+    pkg = tmp_path / "fedpeft"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("import fedpeft.b\n")
+    (pkg / "b.py").write_text("def f():\n    from fedpeft.a import x\n")
+    (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import fedpeft.a\n")
+    (tmp_path / "strategies").mkdir()
+    monkeypatch.setitem(globals(), "ROOT", tmp_path)
+    assert import_cycles() == [{"fedpeft.a", "fedpeft.b"}]

@@ -17,13 +17,13 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
 from fedpeft import privacy
-from fedpeft.checkpoint import ClientStateStore
 from fedpeft.codecs.flower import codec_client_mod
 from fedpeft.config import ConfigValue, RunConfig
-from fedpeft.crash import crash_point
-from fedpeft.faults import failure_mod
-from fedpeft.models import FedModel, model_cache_info
-from fedpeft.runtime import derive_seed, quiet_libraries
+from fedpeft.models import FedModel, model_cache_info, quiet_libraries
+from fedpeft.recovery.checkpoint import ClientStateStore
+from fedpeft.recovery.crash import crash_point
+from fedpeft.recovery.faults import failure_mod
+from fedpeft.runtime import derive_seed
 from fedpeft.tasks import Evaluation, Examples, get_task
 from fedpeft.tasks.model import task_model
 from fedpeft.training import train_local

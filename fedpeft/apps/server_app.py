@@ -18,11 +18,11 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedpeft.checkpoint import CLIENT_STATE_DIR, Checkpoint, prepare_resume, rng_state, set_rng_state
 from fedpeft.config import RunConfig
-from fedpeft.models import FedModel
-from fedpeft.results import ResultsWriter, run_dir_for, save_adapter
-from fedpeft.runtime import quiet_libraries, seed_everything
+from fedpeft.models import FedModel, quiet_libraries
+from fedpeft.recovery.checkpoint import CLIENT_STATE_DIR, Checkpoint, prepare_resume, rng_state, set_rng_state
+from fedpeft.results.records import ResultsWriter, run_dir_for, save_adapter
+from fedpeft.runtime import seed_everything
 from fedpeft.server.discovery import discover_clients
 from fedpeft.server.figures import privacy_figures, round_figures, step_figures, strategy_figures
 from fedpeft.server.meter import MeteredGrid

@@ -28,7 +28,7 @@ from fedpeft.codecs.bitstream import (
     scale_bytes,
     unpack,
 )
-from fedpeft.config import choices
+from fedpeft.settings import choices
 
 Update = Mapping[str, np.ndarray]
 HEADER_BOUND = FIXED.size + 5 * 10 + CRC.size  # fixed part, five varints of at most 10 bytes, crc

@@ -26,7 +26,7 @@ from fedpeft.codecs.sparse import (
     unpack_positions,
 )
 from fedpeft.codecs.topk import TopkSettings
-from fedpeft.config import choices, value_range
+from fedpeft.settings import choices, value_range
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ keeps the DP guarantee.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
@@ -25,8 +26,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from fedpeft.codecs.base import Codec, with_error_feedback
 from fedpeft.codecs.bitstream import PayloadError, Template, arrays_crc
 from fedpeft.codecs.registry import transport_codec
-from fedpeft.config import CodecConfig
 from fedpeft.wire import ARRAYS_KEY, CONFIG_KEY, from_record, to_record
+
+if TYPE_CHECKING:  # the run config assembles the codecs' settings: no import at run time
+    from fedpeft.config import CodecConfig
 
 PAYLOAD_KEY = "fedpeft.payload"
 # Train-config keys the server uses to tell the mod what the downlink holds.

@@ -16,7 +16,7 @@ import numpy as np
 
 from fedpeft.codecs.base import FlatCodec, Parts
 from fedpeft.codecs.bitstream import Header, PayloadError, Template
-from fedpeft.config import choices
+from fedpeft.settings import choices
 
 LEVELS = 127
 

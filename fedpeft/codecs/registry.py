@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedpeft.codecs.base import Codec
 from fedpeft.codecs.bitstream import Template
@@ -21,7 +21,9 @@ from fedpeft.codecs.int8 import Int8Codec, Int8Settings
 from fedpeft.codecs.sign import SignCodec, SignSettings
 from fedpeft.codecs.split import codec_for_template
 from fedpeft.codecs.topk import TopkCodec, TopkSettings
-from fedpeft.config import CodecConfig
+
+if TYPE_CHECKING:  # the run config assembles the codecs' settings: no import at run time
+    from fedpeft.config import CodecConfig
 
 
 @dataclass(frozen=True)

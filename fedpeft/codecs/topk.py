@@ -14,7 +14,7 @@ import numpy as np
 from fedpeft.codecs.base import FlatCodec, Parts, positions_bound_bits, tensor_or_global, to_half
 from fedpeft.codecs.bitstream import Header, PayloadError, Template
 from fedpeft.codecs.sparse import pack_positions, positions_bound_bytes, select, unpack_positions
-from fedpeft.config import choices
+from fedpeft.settings import choices
 
 _NO_SCALES = np.empty(0, np.float32)
 

@@ -20,12 +20,13 @@ from fedpeft.data.images import (
 from fedpeft.data.partition import (
     PARTITIONERS,
     Partitioner,
-    PartitionerBuilder,
+    PartitionerSpec,
     ShuffledIidPartitioner,
     clear_partition_cache,
     load_partition,
     make_partitioner,
     partition_stats,
+    register_partitioner,
 )
 from fedpeft.data.sources import (
     LOCAL_SUFFIXES,
@@ -54,7 +55,7 @@ __all__ = [
     "DataSourceUnavailable",
     "ImageStore",
     "Partitioner",
-    "PartitionerBuilder",
+    "PartitionerSpec",
     "ShuffledIidPartitioner",
     "TextDataset",
     "clear_image_cache",
@@ -74,5 +75,6 @@ __all__ = [
     "make_partitioner",
     "make_text_dataset",
     "partition_stats",
+    "register_partitioner",
     "split_train_test",
 ]

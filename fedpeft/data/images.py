@@ -45,6 +45,7 @@ from datasets.table import InMemoryTable
 
 from fedpeft.config import ConfigError, DataConfig
 from fedpeft.data.sources import (
+    OTHER_KINDS,
     DataSourceUnavailable,
     TextDataset,
     keep_top_classes,
@@ -314,6 +315,10 @@ def load_image_folder(root: Path) -> RawImages:
 def is_image_source(name: str) -> bool:
     """Whether ``data.dataset = name`` is an image source: a built-in name or a folder."""
     return name in IMAGE_SOURCES or Path(name).expanduser().is_dir()
+
+
+# The text loader refuses an image source, naming the task that reads it.
+OTHER_KINDS["images"] = (is_image_source, "set task.name = 'image-classification' to train on it")
 
 
 @functools.lru_cache(maxsize=4)

@@ -30,40 +30,57 @@ from __future__ import annotations
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
-    NaturalIdPartitioner,
     Partitioner,
     PathologicalPartitioner,
     ShardPartitioner,
 )
 
-from fedpeft.config import ConfigError, DataConfig, unknown_choice
 from fedpeft.data.sources import label_array
+from fedpeft.settings import ConfigError, unknown_choice
+
+if TYPE_CHECKING:
+    from fedpeft.config import DataConfig
 
 __all__ = [
     "PARTITIONERS",
     "Partitioner",
-    "PartitionerBuilder",
+    "PartitionerSpec",
     "ShuffledIidPartitioner",
     "clear_partition_cache",
     "load_partition",
     "make_partitioner",
     "partition_stats",
+    "register_partitioner",
 ]
 
 LABEL = "label"
 
-PartitionerBuilder = Callable[[DataConfig, int, int], Partitioner]
+
+@dataclass(frozen=True)
+class PartitionerSpec:
+    """A registered partitioner (``data.partitioner = <name>``).
+
+    ``candidates(cfg, num_partitions, seed, num_rows)`` gives fresh flwr-datasets
+    partitioners to try in turn, strictest first (one for most; Dirichlet relaxes its
+    minimum client size); the first that splits the data is kept.  ``setting`` is the
+    config key to check when none can.  A partitioner's cache key is the whole frozen
+    data section (:func:`cache_key`), so a new setting needs no edit here.
+    """
+
+    candidates: Callable[[DataConfig, int, int, int], Sequence[Partitioner]]
+    setting: str = ""
 
 
-class ShuffledIidPartitioner(IidPartitioner):
+class ShuffledIidPartitioner(Partitioner):
     """flwr-datasets' ``IidPartitioner`` on a seeded shuffle of the dataset.
 
     Upstream ``IidPartitioner`` returns contiguous ``Dataset.shard``s without
@@ -71,20 +88,24 @@ class ShuffledIidPartitioner(IidPartitioner):
     """
 
     def __init__(self, num_partitions: int, seed: int) -> None:
-        super().__init__(num_partitions)
+        super().__init__()
+        self._count = num_partitions
         self._seed = seed
-        self._shuffled: datasets.Dataset | None = None
-        self._shuffled_from: str | None = None
+        self._iid: IidPartitioner | None = None  # upstream's, over the shuffled rows
 
     def load_partition(self, partition_id: int) -> datasets.Dataset:
-        if self._shuffled is None or self._shuffled_from != self.dataset._fingerprint:
-            self._shuffled = self.dataset.shuffle(seed=self._seed)
-            self._shuffled_from = self.dataset._fingerprint
-        return self._shuffled.shard(num_shards=self._num_partitions, index=partition_id, contiguous=True)
+        if self._iid is None:  # a partitioner's dataset is set once (flwr-datasets refuses a second)
+            self._iid = IidPartitioner(self._count)
+            self._iid.dataset = self.dataset.shuffle(seed=self._seed)
+        return self._iid.load_partition(partition_id)
+
+    @property
+    def num_partitions(self) -> int:
+        return self._count
 
 
-def _iid(cfg: DataConfig, num_partitions: int, seed: int) -> Partitioner:
-    return ShuffledIidPartitioner(num_partitions, seed=seed)
+def _iid(cfg: DataConfig, num_partitions: int, seed: int, num_rows: int) -> list[Partitioner]:
+    return [ShuffledIidPartitioner(num_partitions, seed=seed)]
 
 
 def _by_label(cls: Callable[..., Partitioner], num_partitions: int, seed: int, **own: Any) -> Partitioner:
@@ -92,87 +113,106 @@ def _by_label(cls: Callable[..., Partitioner], num_partitions: int, seed: int, *
     return cls(num_partitions=num_partitions, partition_by=LABEL, shuffle=True, seed=seed, **own)
 
 
-def _dirichlet(cfg: DataConfig, num_partitions: int, seed: int) -> Partitioner:
-    # min_partition_size is set in load_partition once the dataset size is known
-    # (see _min_partition_sizes); flwr-datasets resamples up to 10 times to meet it.
-    return _by_label(
-        DirichletPartitioner,
-        num_partitions,
-        seed,
-        alpha=float(cfg.alpha),
-        min_partition_size=0,
-        self_balancing=False,
-    )
+def _dirichlet(cfg: DataConfig, num_partitions: int, seed: int, num_rows: int) -> list[Partitioner]:
+    # flwr-datasets resamples up to 10 times to give every client min_partition_size rows;
+    # the sizes to try depend on the data (see _min_partition_sizes).
+    return [
+        _by_label(
+            DirichletPartitioner,
+            num_partitions,
+            seed,
+            alpha=float(cfg.alpha),
+            min_partition_size=size,
+            self_balancing=False,
+        )
+        for size in _min_partition_sizes(num_rows, num_partitions)
+    ]
 
 
-def _pathological(cfg: DataConfig, num_partitions: int, seed: int) -> Partitioner:
+def _pathological(cfg: DataConfig, num_partitions: int, seed: int, num_rows: int) -> list[Partitioner]:
     # "first-deterministic": client i surely gets class i mod K (so every class is
     # used when there are at least K clients), the others are drawn with the seed.
-    return _by_label(
-        PathologicalPartitioner,
-        num_partitions,
-        seed,
-        num_classes_per_partition=cfg.classes_per_client,
-        class_assignment_mode="first-deterministic",
-    )
+    return [
+        _by_label(
+            PathologicalPartitioner,
+            num_partitions,
+            seed,
+            num_classes_per_partition=cfg.classes_per_client,
+            class_assignment_mode="first-deterministic",
+        )
+    ]
 
 
-def _shard(cfg: DataConfig, num_partitions: int, seed: int) -> Partitioner:
-    return _by_label(ShardPartitioner, num_partitions, seed, num_shards_per_partition=cfg.shards_per_client)
+def _shard(cfg: DataConfig, num_partitions: int, seed: int, num_rows: int) -> list[Partitioner]:
+    return [_by_label(ShardPartitioner, num_partitions, seed, num_shards_per_partition=cfg.shards_per_client)]
 
 
-class GroupedNaturalIdPartitioner(NaturalIdPartitioner):
-    """flwr-datasets' ``NaturalIdPartitioner``, its row grouping done in one NumPy pass.
+class GroupedNaturalIdPartitioner(Partitioner):
+    """flwr-datasets' ``NaturalIdPartitioner``'s partitions, its rows grouped in one NumPy pass.
 
-    Upstream walks the rows in Python under a tqdm progress bar, which every client
-    process would print; the partitions (sorted natural ids -> their rows in order)
-    are the same.
+    Partition ``i`` holds the rows of the ``i``-th natural id in sorted order, each in
+    dataset order, as upstream's; upstream walks the rows in Python under a tqdm progress
+    bar, which every client process would print.
     """
 
-    def _create_partition_id_to_indices(self) -> None:
-        ids = np.asarray(
-            self.dataset.with_format("arrow", columns=[self._partition_by])[:][self._partition_by]
-        )
-        order = np.argsort(ids, kind="stable")
-        values, starts = np.unique(ids[order], return_index=True)
-        groups = np.split(order, starts[1:])
-        self._partition_id_to_indices = {
-            self._natural_id_to_partition_id[value.item() if isinstance(value, np.generic) else value]: rows
-            for value, rows in zip(values, groups, strict=True)
-        }
+    def __init__(self, partition_by: str) -> None:
+        super().__init__()
+        self.partition_by = partition_by
+        self._groups: list[np.ndarray] | None = None
+        self.natural_ids: list[Any] = []  # partition id -> its natural id
+
+    def _grouped(self) -> list[np.ndarray]:
+        if self._groups is None:
+            column = self.dataset.with_format("arrow", columns=[self.partition_by])[:][self.partition_by]
+            ids = np.asarray(column)
+            order = np.argsort(ids, kind="stable")
+            values, starts = np.unique(ids[order], return_index=True)
+            self._groups = np.split(order, starts[1:])
+            self.natural_ids = values.tolist()
+        return self._groups
+
+    def load_partition(self, partition_id: int) -> datasets.Dataset:
+        return self.dataset.select(self._grouped()[partition_id])
+
+    @property
+    def num_partitions(self) -> int:
+        return len(self._grouped())
 
 
-def _natural(cfg: DataConfig, num_partitions: int, seed: int) -> Partitioner:
-    return GroupedNaturalIdPartitioner(partition_by=cfg.partition_column)
+def _natural(cfg: DataConfig, num_partitions: int, seed: int, num_rows: int) -> list[Partitioner]:
+    return [GroupedNaturalIdPartitioner(partition_by=cfg.partition_column)]
 
 
-#: ``data.partitioner`` name -> builder ``(cfg, num_partitions, seed) -> Partitioner``.
-PARTITIONERS: dict[str, PartitionerBuilder] = {
-    "iid": _iid,
-    "dirichlet": _dirichlet,
-    "pathological": _pathological,
-    "shard": _shard,
-    "natural": _natural,
+#: ``data.partitioner`` name -> its :class:`PartitionerSpec` (one line per partitioner).
+PARTITIONERS: dict[str, PartitionerSpec] = {
+    "iid": PartitionerSpec(_iid),
+    "dirichlet": PartitionerSpec(_dirichlet, "data.alpha"),
+    "pathological": PartitionerSpec(_pathological, "data.classes-per-client"),
+    "shard": PartitionerSpec(_shard, "data.shards-per-client"),
+    "natural": PartitionerSpec(_natural, "data.partition-column"),
 }
 
-# The config key whose value most likely made a partitioner fail.
-_HINT_KEY = {
-    "dirichlet": "data.alpha",
-    "pathological": "data.classes-per-client",
-    "shard": "data.shards-per-client",
-    "natural": "data.partition-column",
-}
+
+def register_partitioner(name: str, spec: PartitionerSpec) -> None:
+    """Add a partitioner under ``name`` (refuses a name already taken)."""
+    if name in PARTITIONERS:
+        raise ValueError(f"partitioner {name!r} is already registered")
+    PARTITIONERS[name] = spec
 
 
-def make_partitioner(cfg: DataConfig, num_partitions: int, seed: int) -> Partitioner:
-    """A fresh (dataset-less) flwr-datasets partitioner for ``cfg.partitioner``."""
-    if num_partitions < 1:
-        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
+def _spec(cfg: DataConfig) -> PartitionerSpec:
     try:
-        builder = PARTITIONERS[cfg.partitioner]
+        return PARTITIONERS[cfg.partitioner]
     except KeyError:
         raise unknown_choice("data.partitioner", cfg.partitioner, PARTITIONERS) from None
-    return builder(cfg, num_partitions, seed)
+
+
+def make_partitioner(cfg: DataConfig, num_partitions: int, seed: int, num_rows: int = 0) -> Partitioner:
+    """A fresh (dataset-less) flwr-datasets partitioner for ``cfg.partitioner``: its
+    strictest candidate for a dataset of ``num_rows`` rows."""
+    if num_partitions < 1:
+        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
+    return _spec(cfg).candidates(cfg, num_partitions, seed, num_rows)[0]
 
 
 def _min_partition_sizes(num_rows: int, num_partitions: int) -> list[int]:
@@ -193,23 +233,16 @@ _cache: OrderedDict[tuple[Any, ...], Partitioner] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def _partitioner_for(train: datasets.Dataset, cfg: DataConfig, num_partitions: int, seed: int) -> Partitioner:
-    """The cached partitioner of ``train``, with all partitions already computed.
+def cache_key(train: datasets.Dataset, cfg: DataConfig, num_partitions: int, seed: int) -> tuple[Any, ...]:
+    """What a partitioning depends on: the data (``datasets``' content/transform hash, stable
+    for the same source, seed and split), every data setting (the frozen section itself,
+    so a partitioner's new setting is in the key without an edit), clients and seed."""
+    return (train._fingerprint, train.num_rows, cfg, num_partitions, seed)
 
-    Keyed on ``train._fingerprint`` (``datasets``' content/transform hash, stable for
-    the same source, seed and split) plus the partitioning settings.
-    """
-    key = (
-        train._fingerprint,
-        train.num_rows,
-        cfg.partitioner,
-        cfg.alpha,
-        cfg.classes_per_client,
-        cfg.shards_per_client,
-        cfg.partition_column,
-        num_partitions,
-        seed,
-    )
+
+def _partitioner_for(train: datasets.Dataset, cfg: DataConfig, num_partitions: int, seed: int) -> Partitioner:
+    """The cached partitioner of ``train``, with all partitions already computed."""
+    key = cache_key(train, cfg, num_partitions, seed)
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)
@@ -219,16 +252,11 @@ def _partitioner_for(train: datasets.Dataset, cfg: DataConfig, num_partitions: i
             f"cannot split {train.num_rows} training examples into {num_partitions} "
             "partitions; lower num-clients or raise data.max-examples"
         )
-    sizes: list[int | None] = [None]
-    if cfg.partitioner == "dirichlet":
-        sizes = list(_min_partition_sizes(train.num_rows, num_partitions))
+    spec = _spec(cfg)
     error: ValueError | None = None
-    for min_size in sizes:
-        partitioner = make_partitioner(cfg, num_partitions, seed)
-        if min_size is not None and isinstance(partitioner, DirichletPartitioner):
-            partitioner._min_partition_size = min_size
+    for partitioner in spec.candidates(cfg, num_partitions, seed, train.num_rows):
         partitioner.dataset = train
-        if isinstance(partitioner, NaturalIdPartitioner):
+        if isinstance(partitioner, GroupedNaturalIdPartitioner):
             _check_natural(partitioner, cfg, num_partitions)
         try:
             with warnings.catch_warnings():
@@ -242,8 +270,7 @@ def _partitioner_for(train: datasets.Dataset, cfg: DataConfig, num_partitions: i
         break
     else:
         assert error is not None
-        hint = _HINT_KEY.get(cfg.partitioner)
-        also = f" (check '{hint}')" if hint else ""
+        also = f" (check '{spec.setting}')" if spec.setting else ""
         raise ConfigError(
             f"config key 'data.partitioner': {cfg.partitioner!r} cannot split "
             f"{train.num_rows} examples into {num_partitions} partitions{also}: {error}"
@@ -255,7 +282,7 @@ def _partitioner_for(train: datasets.Dataset, cfg: DataConfig, num_partitions: i
     return partitioner
 
 
-def _check_natural(partitioner: NaturalIdPartitioner, cfg: DataConfig, num_partitions: int) -> None:
+def _check_natural(partitioner: GroupedNaturalIdPartitioner, cfg: DataConfig, num_partitions: int) -> None:
     """A natural partition has one client per distinct id: that count must be num-clients."""
     if cfg.partition_column not in partitioner.dataset.column_names:
         raise ConfigError(

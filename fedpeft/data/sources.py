@@ -433,10 +433,19 @@ def subsample(ds: TextDataset, max_examples: int, seed: int) -> TextDataset:
     return select_rows(ds, rows)
 
 
-def _is_image_source(name: str) -> bool:
-    from fedpeft.data.images import is_image_source  # images builds on this module
+#: Sources of other kinds of data that the text loader refuses with a pointer to their
+#: task: kind -> (whether a ``data.dataset`` value names one, what to set instead).  The
+#: module that loads a kind registers it here (:mod:`fedpeft.data.images` does, and the
+#: package imports it), so this module, which that one builds on, never imports it.
+OTHER_KINDS: dict[str, tuple[Callable[[str], bool], str]] = {}
 
-    return is_image_source(name)
+
+def _other_kind(name: str) -> tuple[str, str] | None:
+    """``(kind, what to set)`` of the first other kind that claims ``name``, else None."""
+    for kind, (claims, hint) in OTHER_KINDS.items():
+        if claims(name):
+            return kind, hint
+    return None
 
 
 def _looks_like_file(name: str) -> bool:
@@ -456,11 +465,9 @@ def _load_cached(cfg: DataConfig, seed: int) -> TextDataset:
                 f"(resolved to {path.resolve()}); built-in sources: {', '.join(sorted(SOURCES))}"
             )
         ds = _read_local(path, cfg)
-    elif _is_image_source(name):
-        raise ConfigError(
-            f"config key 'data.dataset': {name!r} holds images, not text; set task.name = "
-            "'image-classification' to train on it"
-        )
+    elif (other := _other_kind(name)) is not None:
+        kind, hint = other
+        raise ConfigError(f"config key 'data.dataset': {name!r} holds {kind}, not text; {hint}")
     else:
         ds = _load_hub(name, cfg)
     ds = keep_top_classes(ds, cfg.num_classes)

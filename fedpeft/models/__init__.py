@@ -27,6 +27,7 @@ from fedpeft.models.backbone import (
     backbone_dtype,
     load_pretrained,
     load_processor,
+    quiet_libraries,
     resolve_model_path,
 )
 from fedpeft.models.lora_layout import LoraLayout
@@ -52,6 +53,7 @@ __all__ = [
     "get_model",
     "load_saved",
     "methods_for",
+    "quiet_libraries",
     "register_method",
     "resolve_model_path",
 ]

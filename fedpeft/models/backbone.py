@@ -26,9 +26,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -250,7 +252,23 @@ def load_pretrained(
     return model
 
 
-def quiet_transformers() -> None:
-    """transformers' load reports and progress bars off (errors still show)."""
-    transformers.logging.set_verbosity_error()
+def quiet_libraries() -> None:
+    """Keep transformers' load reports, progress bars and HF telemetry off the terminal.
+
+    Here, with the models, because only :mod:`fedpeft.models` imports transformers.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    transformers.logging.set_verbosity_error()  # load reports off (errors still show)
     transformers.utils.logging.disable_progress_bar()
+    # Deprecation notices of our pinned stack are not the user's concern.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|ray)\.")
+    for name in ("datasets", "peft", "filelock"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - datasets is a hard dependency
+        pass

@@ -30,8 +30,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import warnings
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -106,89 +107,152 @@ def train_private(
     ``proximal_mu > 0`` (FedProx) adds ``mu * (w - w_global)`` to the *noised* gradient:
     the term depends on no example, so it is post-processing and costs no privacy (added
     to the loss instead, Opacus' per-sample hooks would never see it).
-    """
-    from opacus import PrivacyEngine
-    from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-    mode = dp.grad_sample_mode
-    try:
-        check_grad_sample_mode(model.method, mode)
-    except ConfigError as err:
-        raise PrivacyError(str(err)) from err
+    Three steps: make the private objects (:func:`_private_training`, which also undoes
+    them), run the logical steps (:func:`_dp_steps`); the accounting is the caller's, from
+    ``plan`` (:mod:`fedpeft.privacy.accounting`).
+    """
+    mode = _Mode.of(model.method, dp.grad_sample_mode)
     torch.manual_seed(seed)
+    with _private_training(model, len(data), train, plan, dp, seed, mode, loss) as private:
+        return _dp_steps(model, data, private, plan.steps, _forward_params(model), proximal_mu)
+
+
+@dataclass(frozen=True)
+class _Mode:
+    """What differs between Opacus' per-sample modes (``dp.grad-sample-mode``), in one place."""
+
+    name: str
+
+    @classmethod
+    def of(cls, method: str, name: str) -> _Mode:
+        """The mode, refused (:class:`PrivacyError`) where it cannot train ``method``."""
+        try:
+            check_grad_sample_mode(method, name)
+        except ConfigError as err:
+            raise PrivacyError(str(err)) from err
+        return cls(name)
+
+    @property
+    def ghost(self) -> bool:
+        return self.name == "ghost"
+
+    @property
+    def per_sample(self) -> str:
+        """What a backward pass leaves on each parameter, one row per example."""
+        return _NORM_SAMPLE if self.ghost else _GRAD_SAMPLE
+
+    def make_private_kwargs(self, loss: LossFn) -> dict[str, Any]:
+        # Ghost clipping's loss must be the criterion make_private returns (a plain loss
+        # would not be clipped at all); it wraps the task's loss, given per example.
+        return {"criterion": TaskCriterion(loss)} if self.ghost else {}
+
+    def unpack(self, made: tuple[Any, ...], loss: LossFn) -> _Private:
+        """``make_private``'s result: (module, optimizer, loader), plus the criterion that
+        runs both backward passes (the clipping itself) under ghost clipping."""
+        if self.ghost:
+            module, optimizer, criterion, loader = made
+            return _Private(module, optimizer, loader, criterion, self.per_sample)
+        module, optimizer, loader = made
+        return _Private(module, optimizer, loader, loss, self.per_sample)
+
+
+@dataclass
+class _Private:
+    """The private objects of one client round: Opacus' module, optimizer and loader."""
+
+    module: Any  # GradSampleModule
+    optimizer: Any  # DPOptimizer
+    loader: Any  # Poisson batches (split into physical batches when asked)
+    loss: LossFn
+    per_sample: str
+
+
+@contextmanager
+def _private_training(
+    model: FedModel,
+    rows: int,
+    train: TrainConfig,
+    plan: RoundPlan,
+    dp: DPConfig,
+    seed: int,
+    mode: _Mode,
+    loss: LossFn,
+) -> Iterator[_Private]:
+    """Opacus' private module, optimizer and loader over ``rows`` examples for this round;
+    undone on the way out, so the cached model can be wrapped again by the next client on
+    this worker."""
+    from opacus import PrivacyEngine
+
     module = model.module
     module.train()
     params = list(model.params.values())
-    optimizer = make_optimizer(train, params)
     # Opacus samples row numbers (Poisson); the task's examples turn them into a batch, so
     # any task's data (token ids, images) goes through the same loop.
-    dataset = TensorDataset(torch.arange(len(data)))
-    loader = DataLoader(dataset, batch_size=train.batch_size, generator=torch.Generator().manual_seed(seed))
-    # Ghost clipping's loss must be the criterion make_private returns (a plain loss would
-    # not be clipped at all); it wraps the task's loss, given per example.
-    ghost = {"criterion": TaskCriterion(loss)} if mode == "ghost" else {}
+    loader = DataLoader(
+        TensorDataset(torch.arange(rows)),
+        batch_size=train.batch_size,
+        generator=torch.Generator().manual_seed(seed),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "secure RNG turned off": a simulation, not production
         engine = PrivacyEngine(accountant=dp.accountant, secure_mode=False)
         try:
             made = engine.make_private(
                 module=module,
-                optimizer=optimizer,
+                optimizer=make_optimizer(train, params),
                 data_loader=loader,
                 noise_multiplier=plan.noise_multiplier,
                 max_grad_norm=dp.max_grad_norm,
                 poisson_sampling=True,
-                grad_sample_mode=mode,
+                grad_sample_mode=mode.name,
                 noise_generator=torch.Generator().manual_seed(seed + 1),
-                **ghost,
+                **mode.make_private_kwargs(loss),
             )
         except Exception as err:  # Opacus' own validators: say so without its stack
+            module.eval()
             raise PrivacyError(
-                f"Opacus cannot make method {model.method!r} private with dp.grad-sample-mode {mode!r}: {err}"
+                f"Opacus cannot make method {model.method!r} private with dp.grad-sample-mode {mode.name!r}: {err}"
             ) from err
-    if ghost:  # the criterion that runs both backward passes (the clipping itself)
-        dp_module, dp_optimizer, step_loss, dp_loader = made
-    else:
-        (dp_module, dp_optimizer, dp_loader), step_loss = made, loss
+    private = mode.unpack(made, loss)
     handles: list[RemovableHandle] = []
     try:
-        handles = _method_grad_sample_hooks(model, dp_optimizer.loss_reduction)
-        if ghost:
+        handles = _method_grad_sample_hooks(model, private.optimizer.loss_reduction)
+        if mode.ghost:
             handles += _contiguous_embedding_ids(module)
-        with ExitStack() as stack:
-            if dp.max_physical_batch_size:
-                dp_loader = stack.enter_context(
-                    BatchMemoryManager(
-                        data_loader=dp_loader,
-                        max_physical_batch_size=dp.max_physical_batch_size,
-                        optimizer=dp_optimizer,
-                    )
-                )
-            stack.enter_context(warnings.catch_warnings())
+        with _physical_batches(private, dp.max_physical_batch_size), warnings.catch_warnings():
             # Opacus' hooks on a frozen backbone: the inputs need no gradient, by design.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             # functorch mode on an embedding table: Opacus asks autocast for the ids' int
             # dtype, which autocast declines (and computes in float32, as it should).
             warnings.filterwarnings("ignore", message="CPU Autocast only supports")
-            return _dp_steps(
-                model,
-                data,
-                dp_module,
-                dp_optimizer,
-                dp_loader,
-                plan.steps,
-                _forward_params(model),
-                step_loss,
-                proximal_mu,
-                per_sample=_NORM_SAMPLE if ghost else _GRAD_SAMPLE,
-            )
+            yield private
     finally:
         for handle in handles:
             handle.remove()
-        dp_module.to_standard_module()  # unhook, so the cached module can be wrapped again
+        private.module.to_standard_module()  # unhook, so the cached module can be wrapped again
         for p in params:
             p.grad_sample = None  # type: ignore[attr-defined]
         module.eval()
+
+
+@contextmanager
+def _physical_batches(private: _Private, max_physical: int) -> Iterator[None]:
+    """Split each logical batch into physical ones of at most ``max_physical`` examples
+    (Opacus' ``BatchMemoryManager``); 0 leaves the loader as it is."""
+    if not max_physical:
+        yield
+        return
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    with BatchMemoryManager(
+        data_loader=private.loader, max_physical_batch_size=max_physical, optimizer=private.optimizer
+    ) as loader:
+        logical, private.loader = private.loader, loader
+        try:
+            yield
+        finally:
+            private.loader = logical
 
 
 class TaskCriterion:
@@ -244,15 +308,10 @@ _NORM_SAMPLE = "_norm_sample"  # ghost: each example's gradient norm (Opacus 1.6
 def _dp_steps(
     model: FedModel,
     data: Examples,
-    dp_module: Any,
-    dp_optimizer: Any,
-    dp_loader: Any,
+    private: _Private,
     num_steps: int,
     accepted: set[str],
-    loss_fn: LossFn,
     proximal_mu: float = 0.0,
-    *,
-    per_sample: str = _GRAD_SAMPLE,
 ) -> TrainResult:
     """Train until ``num_steps`` logical steps are done; each loader item is a physical batch.
 
@@ -261,6 +320,7 @@ def _dp_steps(
     last physical batch of a logical one, which is when the optimizer steps and a step
     counts.
     """
+    dp_module, dp_optimizer, per_sample = private.module, private.optimizer, private.per_sample
     _check_optimizer(model, dp_optimizer)
     before = {k: p.detach().clone() for k, p in model.params.items()}
     params = list(model.params.values())
@@ -268,7 +328,7 @@ def _dp_steps(
     steps, total, seen = 0, 0.0, 0
     checked_samples = checked_moved = False
     while steps < num_steps:
-        for (order,) in dp_loader:
+        for (order,) in private.loader:
             if steps >= num_steps:
                 break
             dp_optimizer.zero_grad(set_to_none=True)
@@ -280,7 +340,7 @@ def _dp_steps(
             else:
                 inputs, labels = next(iter(data.batches(order, rows, model.device)))
                 logits = dp_module(**_per_example_inputs(inputs, accepted)).logits
-                loss = loss_fn(logits, labels)
+                loss = private.loss(logits, labels)
                 loss.backward()
                 if not checked_samples:
                     _check_grad_samples(model, rows, per_sample)

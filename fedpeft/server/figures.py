@@ -1,7 +1,7 @@
 """Per-round fields of the round record that come from the strategy stack.
 
 Each is a function ``round -> {field: value}`` (None when it does not apply); the
-recorder merges them into the :class:`~fedpeft.results.RoundRecord` of every round.
+recorder merges them into the :class:`~fedpeft.results.records.RoundRecord` of every round.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedpeft.crash import crash_point
+from fedpeft.recovery.crash import crash_point
 from fedpeft.server.rejections import RejectionLog
 from fedpeft.wire import ARRAYS_KEY, from_record
 from strategies.traits import traits_of

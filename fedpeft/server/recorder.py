@@ -1,4 +1,4 @@
-"""Turns each finished round into a :class:`~fedpeft.results.RoundRecord`.
+"""Turns each finished round into a :class:`~fedpeft.results.records.RoundRecord`.
 
 Flower's ``Strategy.start`` owns the round loop and calls ``evaluate_fn(round, arrays)``
 once before round 1 and once at the very end of every round (after aggregation and any
@@ -18,7 +18,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord
 
-from fedpeft.results import (
+from fedpeft.results.records import (
     ClientRecord,
     ResultsWriter,
     RoundRecord,

@@ -44,7 +44,8 @@ from fedpeft.server.tap import StrategyMetricsTap
 from fedpeft.server.transport import CompressedTransport
 from fedpeft.server.user_dp import central_dp
 from strategies import build_strategy
-from strategies.traits import hand_client_ranks, traits_of, wrapper_chain
+from strategies.traits import hand_client_ranks, traits_of
+from strategies.wrapper import wrapper_chain
 
 
 @dataclass

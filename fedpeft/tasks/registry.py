@@ -16,9 +16,13 @@ import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from fedpeft.config import RunConfig, unknown_choice
+from fedpeft.settings import unknown_choice
 from fedpeft.tasks.base import Task
+
+if TYPE_CHECKING:  # the run config reads this registry for its choices: no import at run time
+    from fedpeft.config import RunConfig
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedpeft.crash import Kill, comparable, drill, plan_kills, run_once
-from fedpeft.results import read_rounds
+from fedpeft.recovery.crash import Kill, comparable, drill, plan_kills, run_once
+from fedpeft.results.records import read_rounds
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.integration

@@ -9,8 +9,8 @@ listened beyond loopback, and every process is gone afterwards.
 import psutil
 import pytest
 
-from fedpeft.deploy import Deployment, deploy
-from fedpeft.results import read_rounds
+from fedpeft.results.records import read_rounds
+from fedpeft.running.deploy import Deployment, deploy
 from tests.integration.test_simulation import ListenWatcher, _is_loopback
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedpeft.results import read_rounds
+from fedpeft.results.records import read_rounds
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.deploy import free_port
-from fedpeft.launch import RayOptions, simulate
-from fedpeft.results import read_rounds
+from fedpeft.results.records import read_rounds
+from fedpeft.running.deploy import free_port
+from fedpeft.running.launch import RayOptions, simulate
 from tests.integration.test_simulation import ListenWatcher, _is_loopback
 
 pytestmark = pytest.mark.integration

@@ -14,10 +14,10 @@ from peft import PeftModel
 from safetensors.numpy import load_file
 from transformers import AutoModelForSequenceClassification
 
-from fedpeft.crash import Kill, comparable, drill
-from fedpeft.launch import RayOptions, simulate
 from fedpeft.models import resolve_model_path
-from fedpeft.results import read_rounds
+from fedpeft.recovery.crash import Kill, comparable, drill
+from fedpeft.results.records import read_rounds
+from fedpeft.running.launch import RayOptions, simulate
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,8 @@ from safetensors.numpy import load_file
 
 from fedpeft.apps import client_app
 from fedpeft.apps.server_app import run_server
-from fedpeft.checkpoint import (
+from fedpeft.config import RunConfig
+from fedpeft.recovery.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
     CheckpointError,
@@ -17,10 +18,9 @@ from fedpeft.checkpoint import (
     read_verified,
     write_atomic,
 )
-from fedpeft.config import RunConfig
-from fedpeft.crash import TIMING_FIELDS
-from fedpeft.results import read_rounds
-from fedpeft.testing import DirectGrid, seeded_node_ids
+from fedpeft.recovery.crash import TIMING_FIELDS
+from fedpeft.results.records import read_rounds
+from fedpeft.running.inprocess import DirectGrid, seeded_node_ids
 
 
 def test_a_cut_short_or_altered_file_is_never_read(tmp_path):
@@ -112,7 +112,7 @@ def test_a_run_resumed_after_a_crash_equals_an_uninterrupted_one(tiny_overrides,
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tiny_overrides, tmp_path):
-    from fedpeft.launch import preflight
+    from fedpeft.running.launch import preflight
 
     cfg = RunConfig.from_run_config(tiny_overrides | {"resume": True, "run-name": "never-ran"})
     with pytest.raises(CheckpointError, match=f"no {CHECKPOINT_FILE}"):
@@ -120,7 +120,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tiny_overrides, tmp_path):
 
 
 def test_resume_clears_cut_short_writes_and_refuses_a_damaged_client_state(tmp_path):
-    from fedpeft.checkpoint import prepare_resume
+    from fedpeft.recovery.checkpoint import prepare_resume
 
     store = ClientStateStore(tmp_path, 0)
     for r in (1, 2):
@@ -141,7 +141,7 @@ def test_resume_clears_cut_short_writes_and_refuses_a_damaged_client_state(tmp_p
 
 def test_a_checkpoint_naming_a_class_that_moved_is_refused_clearly(tmp_path):
     """Checkpoints from before the server wing pickled e.g. ``fedpeft.guard.UpdateGuard``."""
-    from fedpeft.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, write_atomic
+    from fedpeft.recovery.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, write_atomic
 
     old_class_path = b"cfedpeft.guard\nUpdateGuard\n."  # a pickle: the class by its old path
     write_atomic(tmp_path / CHECKPOINT_FILE, old_class_path)

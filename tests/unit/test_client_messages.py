@@ -15,8 +15,8 @@ from fedpeft.apps.server_app import run_server
 from fedpeft.codecs.flower import PAYLOAD_KEY
 from fedpeft.config import RunConfig
 from fedpeft.models import get_model
+from fedpeft.running.inprocess import DirectGrid
 from fedpeft.tasks import classification, get_task
-from fedpeft.testing import DirectGrid
 
 
 def _replies(cfg):

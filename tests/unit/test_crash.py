@@ -1,16 +1,16 @@
-"""Crash points and the kill-and-resume drill's machinery (fedpeft.crash), on tiny processes."""
+"""Crash points and the kill-and-resume drill's machinery (fedpeft.recovery.crash), on tiny processes."""
 
 import sys
 import time
 
 import pytest
 
-from fedpeft.crash import CRASH_POINTS, Kill, _crash_plan, comparable, plan_kills, run_once
+from fedpeft.recovery.crash import CRASH_POINTS, Kill, _crash_plan, comparable, plan_kills, run_once
 
 
 def _passes(times: int) -> list[str]:
     body = "; ".join(
-        ["from fedpeft.crash import crash_point", *["crash_point('record')"] * times, "print('end')"]
+        ["from fedpeft.recovery.crash import crash_point", *["crash_point('record')"] * times, "print('end')"]
     )
     return [sys.executable, "-c", body]
 

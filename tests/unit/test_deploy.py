@@ -1,4 +1,4 @@
-"""fedpeft.deploy without processes: certificates, the connection file, early config errors,
+"""fedpeft.running.deploy without processes: certificates, the connection file, early config errors,
 and the probe's rebuilding of a message from its objects."""
 
 import json
@@ -12,9 +12,9 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedpeft import deploy
 from fedpeft.config import ConfigError
-from fedpeft.deploy_probe import FleetProbe, _tree_ids, compare_traffic, rebuild_message
+from fedpeft.running import deploy
+from fedpeft.running.deploy_probe import FleetProbe, _tree_ids, compare_traffic, rebuild_message
 from fedpeft.wire import message_size, to_record
 
 

@@ -8,9 +8,9 @@ import pytest
 from fedpeft.apps import client_app
 from fedpeft.apps.server_app import run_server
 from fedpeft.config import ConfigError, RunConfig
-from fedpeft.faults import draw
-from fedpeft.results import read_rounds
-from fedpeft.testing import DirectGrid
+from fedpeft.recovery.faults import draw
+from fedpeft.results.records import read_rounds
+from fedpeft.running.inprocess import DirectGrid
 
 THIRTY_PERCENT = {
     "failures.raise-probability": 0.1,
@@ -78,7 +78,7 @@ def test_impossible_failure_settings_are_named(overrides, needle):
 def test_a_hung_or_dropped_client_leaves_its_state_as_it_was(kind):
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-    from fedpeft.faults import failure_mod, simulated_time
+    from fedpeft.recovery.faults import failure_mod, simulated_time
 
     cfg = RunConfig.from_run_config({f"failures.{kind}-probability": 1.0, "round-timeout": 30.0})
     DirectGrid(client_app.app, 1, cfg.to_run_config())  # gives Message() a run identity, as in a run

@@ -5,9 +5,10 @@ import logging
 import flwr
 import pytest
 
-from fedpeft import cli, flower_compat, launch
+from fedpeft import cli, flower_compat
 from fedpeft.config import FailureConfig, RunConfig
 from fedpeft.flower_compat import UnsupportedFlowerVersion, check_flower_version
+from fedpeft.running import inprocess, launch
 
 
 def test_the_installed_flower_is_supported():
@@ -75,7 +76,7 @@ def flower_log_level():
 
 def test_a_run_shows_no_flower_notes_without_verbose(monkeypatch, caplog, tmp_path, flower_log_level):
     """``fraction-evaluate = 0`` (the default) makes FedAvg warn when preflight builds it."""
-    monkeypatch.setattr(launch, "_run_inprocess", lambda *args, **kwargs: None)
+    monkeypatch.setattr(inprocess, "run_inprocess", lambda *args, **kwargs: None)
     with pytest.raises(RuntimeError, match="without writing"):
         launch.simulate({"results-dir": str(tmp_path), "fraction-evaluate": 0.0}, engine="inprocess")
     flower = [r for r in caplog.records if r.name.startswith("flwr")]

@@ -11,10 +11,10 @@ from flwr.serverapp.strategy import FedAvg
 from fedpeft.apps import client_app
 from fedpeft.apps.server_app import run_server
 from fedpeft.config import RunConfig
-from fedpeft.results import read_rounds
+from fedpeft.results.records import read_rounds
+from fedpeft.running.inprocess import DirectGrid
 from fedpeft.server.guard import UpdateGuard
 from fedpeft.server.rejections import RejectionLog
-from fedpeft.testing import DirectGrid
 from strategies.conformance import ToyGrid, make_reply
 
 GLOBAL = {"w": np.ones((3, 2), np.float32), "b": np.zeros(2, np.float32)}

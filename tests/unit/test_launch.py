@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from fedpeft.config import ConfigError, RunConfig
-from fedpeft.launch import (
+from fedpeft.results.sweep import Sweep
+from fedpeft.running.launch import (
     RayOptions,
     load_experiment,
     parse_set,
@@ -11,7 +12,6 @@ from fedpeft.launch import (
     ray_backend_config,
     resolve_config,
 )
-from fedpeft.sweep import Sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -194,7 +194,7 @@ def test_shared_run_config_registers_what_flower_does_with_one_config():
     from flwr.supercore.run import Run
 
     from fedpeft.flower_compat import register_node_info_stores, shared_run_config
-    from fedpeft.launch import app_dir
+    from fedpeft.running.launch import app_dir
 
     mapping = {101: 0, 205: 1, 309: 2, 412: 3}
     run = Run.create_empty(run_id=77)

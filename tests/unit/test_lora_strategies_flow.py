@@ -13,9 +13,9 @@ from safetensors.numpy import load_file
 from fedpeft.apps import client_app
 from fedpeft.apps.server_app import run_server
 from fedpeft.config import ConfigError, RunConfig
-from fedpeft.launch import preflight
-from fedpeft.results import read_rounds
-from fedpeft.testing import DirectGrid
+from fedpeft.results.records import read_rounds
+from fedpeft.running.inprocess import DirectGrid
+from fedpeft.running.launch import preflight
 
 RANKS = "2,4,8"
 

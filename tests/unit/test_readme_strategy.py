@@ -9,8 +9,8 @@ import pytest
 from fedpeft.apps import client_app
 from fedpeft.apps.server_app import run_server
 from fedpeft.config import RunConfig
-from fedpeft.results import read_rounds
-from fedpeft.testing import DirectGrid
+from fedpeft.results.records import read_rounds
+from fedpeft.running.inprocess import DirectGrid
 from strategies.conformance import main as conformance_main
 
 README = Path(__file__).resolve().parents[2] / "README.md"

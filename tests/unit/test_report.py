@@ -1,4 +1,4 @@
-"""fedpeft.report: the figures of a run, grouping over seeds, and the files written.
+"""fedpeft.results.report: the figures of a run, grouping over seeds, and the files written.
 
 The run folders here are written by the real ResultsWriter with chosen numbers, so each
 figure can be checked exactly; tests/unit/test_sweep.py reports over real runs.
@@ -10,8 +10,8 @@ import math
 import pytest
 
 from fedpeft.cli import main
-from fedpeft.report import find_runs, group_runs, summarize
-from fedpeft.results import ClientRecord, ResultsWriter, RoundRecord
+from fedpeft.results.records import ClientRecord, ResultsWriter, RoundRecord
+from fedpeft.results.report import find_runs, group_runs, summarize
 
 
 def _client(up, down, codec=None):

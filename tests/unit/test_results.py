@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.results import (
+from fedpeft.results.records import (
     CLIENTS_CSV_COLUMNS,
     ROUNDS_CSV_COLUMNS,
     VERSIONED_PACKAGES,
@@ -246,12 +246,12 @@ def test_error_reasons_read_the_same_on_every_engine():
     ray = (
         "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() (pid=26338, "
         'actor_id=285bc7d8)\n  File "faults.py", line 80, in mod\n    raise InjectedFailure(...)\n'
-        "fedpeft.faults.InjectedFailure: injected failure: client raised in round 2\n\n"
+        "fedpeft.recovery.faults.InjectedFailure: injected failure: client raised in round 2\n\n"
         "The above exception was the direct cause of the following exception:\n\n"
         "ray::ClientAppActor.run() (pid=26338)\nflwr.clientapp.client_app.ClientAppException: \n"
         "Exception ClientAppException occurred. Message: injected failure: client raised in round 2'>"
     )
-    plain = "<class 'fedpeft.faults.InjectedFailure'>:<'injected failure: client raised in round 2'>"
+    plain = "<class 'fedpeft.recovery.faults.InjectedFailure'>:<'injected failure: client raised in round 2'>"
     expected = "error 2: InjectedFailure: injected failure: client raised in round 2"
     assert describe_error(2, ray) == describe_error(2, plain) == expected
     assert describe_error(5, "node unavailable") == "error 5: node unavailable"  # other forms as they are

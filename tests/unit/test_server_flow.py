@@ -9,10 +9,10 @@ from flwr.common.serde import message_to_proto
 from fedpeft.apps import client_app as client_module
 from fedpeft.apps.server_app import run_server
 from fedpeft.config import RunConfig
-from fedpeft.crash import TIMING_FIELDS
-from fedpeft.results import read_rounds
+from fedpeft.recovery.crash import TIMING_FIELDS
+from fedpeft.results.records import read_rounds
+from fedpeft.running.inprocess import DirectGrid, seeded_node_ids
 from fedpeft.server.discovery import ClientDiscoveryError
-from fedpeft.testing import DirectGrid, seeded_node_ids
 
 
 class Recording:

@@ -1,4 +1,4 @@
-"""fedpeft.sweep: points from a grid and a list, validated first, skipped when done, resumed when cut."""
+"""fedpeft.results.sweep: points from a grid and a list, validated first, skipped when done, resumed when cut."""
 
 import json
 import re
@@ -8,9 +8,9 @@ import pytest
 import tomli_w
 
 from fedpeft.config import ConfigError
-from fedpeft.report import make_report
-from fedpeft.results import read_rounds
-from fedpeft.sweep import Sweep, point_status, run_sweep
+from fedpeft.results.records import read_rounds
+from fedpeft.results.report import make_report
+from fedpeft.results.sweep import Sweep, point_status, run_sweep
 from tests.conftest import TINY
 
 FAST = TINY | {"train.max-steps": 3}
@@ -136,7 +136,7 @@ def test_report_over_the_sweep_groups_seeds(finished_sweep, tmp_path):
 
 
 def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path, monkeypatch):
-    from fedpeft import checkpoint
+    from fedpeft.recovery import checkpoint
 
     path = _write_sweep(tmp_path, {"seed": [0, 1]}, name="cut")
     sweep = Sweep.load(path)
@@ -180,7 +180,7 @@ def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path):
 
 
 def test_sweep_file_format_in_the_docstring_is_valid(tmp_path):
-    import fedpeft.sweep as mod
+    import fedpeft.results.sweep as mod
 
     doc = mod.__doc__.split("is TOML::")[1].split("Every point")[0]
     path = tmp_path / "doc.toml"
@@ -212,7 +212,7 @@ def test_a_folder_written_before_a_key_existed_counts_it_at_its_default(tmp_path
     import json
 
     from fedpeft.config import RunConfig
-    from fedpeft.sweep import point_status
+    from fedpeft.results.sweep import point_status
 
     cfg = RunConfig.from_run_config({"results-dir": str(tmp_path), "run-name": "old"})
     run_dir = tmp_path / "old"

@@ -13,11 +13,11 @@ from fedpeft.apps import client_app
 from fedpeft.apps.server_app import run_server
 from fedpeft.config import ConfigError, RunConfig
 from fedpeft.privacy import UserLevel
-from fedpeft.results import read_rounds
+from fedpeft.results.records import read_rounds
+from fedpeft.running.inprocess import DirectGrid
 from fedpeft.server.ftrl import TreeAggregation, tree_nodes
 from fedpeft.server.sampling import PoissonSampling, poisson_cohort
 from fedpeft.server.user_dp import CENTRAL_MECHANISMS, FixedDenominator, central_noise
-from fedpeft.testing import DirectGrid
 from strategies.conformance import ToyGrid, make_reply
 from tests.conftest import TINY
 

@@ -11,8 +11,8 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from fedpeft.apps import client_app as client_module
 from fedpeft.apps.server_app import run_server
 from fedpeft.config import RunConfig
-from fedpeft.results import read_rounds
-from fedpeft.testing import DirectGrid
+from fedpeft.results.records import read_rounds
+from fedpeft.running.inprocess import DirectGrid
 from strategies import STRATEGIES, build_strategy, resolve_strategy
 from strategies.traits import declared_traits
 

@@ -9,8 +9,8 @@ from fedpeft.apps import client_app as client_module
 from fedpeft.apps.server_app import run_server
 from fedpeft.codecs.flower import PAYLOAD_KEY, payload_record
 from fedpeft.config import RunConfig
-from fedpeft.results import read_rounds
-from fedpeft.testing import DirectGrid
+from fedpeft.results.records import read_rounds
+from fedpeft.running.inprocess import DirectGrid
 from fedpeft.wire import ARRAYS_KEY
 
 

@@ -10,9 +10,9 @@ from fedpeft.apps import client_app as client_module
 from fedpeft.apps.server_app import run_server
 from fedpeft.codecs import CODECS
 from fedpeft.config import ConfigError, RunConfig
-from fedpeft.results import read_rounds
+from fedpeft.results.records import read_rounds
+from fedpeft.running.inprocess import DirectGrid
 from fedpeft.server.rejections import RejectionLog
-from fedpeft.testing import DirectGrid
 
 
 def _run(overrides):

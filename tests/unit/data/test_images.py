@@ -277,3 +277,14 @@ def test_store_checks_its_arrays() -> None:
         ImageStore(np.zeros((2, 3, 3, 1), dtype=np.float32))
     with pytest.raises(ValueError, match="channels"):
         ImageStore([np.zeros((2, 2, 1), np.uint8), np.zeros((2, 2, 3), np.uint8)])
+
+
+def test_the_text_loader_refuses_an_image_source_naming_its_task(tmp_path: Path) -> None:
+    """The text loader knows image sources only through the kind images.py registers."""
+    from fedpeft.data.sources import load_source
+
+    for name in [*IMAGE_SOURCES, str(tmp_path)]:
+        with pytest.raises(
+            ConfigError, match="holds images, not text; set task.name = 'image-classification'"
+        ):
+            load_source(DataConfig(dataset=name), 0)

@@ -177,3 +177,22 @@ def test_cache_reuses_partitioner() -> None:
     assert a._fingerprint == b._fingerprint
     c = load_partition(TRAIN, DataConfig(partitioner="dirichlet", alpha=5.0), CLIENTS, 3, seed=0)
     assert c["text"] != a["text"]
+
+
+def test_the_config_offers_exactly_the_registered_partitioners() -> None:
+    """The run config's choice list and the registry name the same partitioners."""
+    import dataclasses
+
+    choices = next(f.metadata["choices"] for f in dataclasses.fields(DataConfig) if f.name == "partitioner")
+    assert set(choices) == set(PARTITIONERS)
+
+
+def test_the_cache_key_follows_every_data_setting() -> None:
+    """A setting of the data section, any of them, gives a partitioning of its own."""
+    from fedpeft.data.partition import cache_key
+
+    base = cache_key(TRAIN, DataConfig(partitioner="dirichlet"), CLIENTS, 0)
+    assert cache_key(TRAIN, DataConfig(partitioner="dirichlet"), CLIENTS, 0) == base
+    assert cache_key(TRAIN, DataConfig(partitioner="dirichlet", alpha=0.3), CLIENTS, 0) != base
+    assert cache_key(TRAIN, DataConfig(partitioner="dirichlet", shards_per_client=3), CLIENTS, 0) != base
+    assert cache_key(TRAIN, DataConfig(partitioner="dirichlet"), CLIENTS, 1) != base

@@ -9,8 +9,8 @@ from fedpeft.apps import client_app as client_module
 from fedpeft.apps.server_app import run_server
 from fedpeft.config import ConfigError, RunConfig
 from fedpeft.privacy import Ledger
-from fedpeft.results import read_rounds
-from fedpeft.testing import DirectGrid
+from fedpeft.results.records import read_rounds
+from fedpeft.running.inprocess import DirectGrid
 from tests.conftest import TINY
 
 
@@ -65,7 +65,7 @@ def test_central_dp_runs_and_accounts(tmp_path, side, clipping):
 
 
 def test_impossible_central_settings_fail_before_training():
-    from fedpeft.launch import preflight
+    from fedpeft.running.launch import preflight
 
     cfg = RunConfig.from_run_config(TINY | {"dp.mode": "central", "dp.central-clipping": "adaptive"})
     with pytest.raises(ConfigError, match="dp.central"):

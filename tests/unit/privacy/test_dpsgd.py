@@ -296,7 +296,7 @@ def test_a_layer_that_mixes_examples_is_caught_in_every_mode(mixing, mode):
 
 
 def test_a_method_with_its_own_per_sample_gradients_refuses_ghost_naming_the_modes_that_work():
-    from fedpeft.launch import preflight
+    from fedpeft.running.launch import preflight
 
     cfg = RunConfig.from_run_config(
         TINY | {"dp.mode": "local", "peft.method": "ia3", "dp.grad-sample-mode": "ghost"}

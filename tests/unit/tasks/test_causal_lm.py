@@ -184,8 +184,8 @@ def test_federated_instruction_tuning_through_the_apps(tmp_path, capsys):
     from fedpeft.apps import client_app
     from fedpeft.apps.server_app import run_server
     from fedpeft.models.backbone import resolve_model_path
-    from fedpeft.results import read_rounds
-    from fedpeft.testing import DirectGrid
+    from fedpeft.results.records import read_rounds
+    from fedpeft.running.inprocess import DirectGrid
 
     overrides = TINY_LLM | {
         "num-clients": 2,

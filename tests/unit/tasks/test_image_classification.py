@@ -11,10 +11,10 @@ from fedpeft.apps import client_app
 from fedpeft.apps.server_app import run_server
 from fedpeft.config import ConfigError, RunConfig
 from fedpeft.data import image_store
-from fedpeft.results import read_rounds
+from fedpeft.results.records import read_rounds
+from fedpeft.running.inprocess import DirectGrid
 from fedpeft.tasks import build_task
 from fedpeft.tasks.image_classification import Pixels, check_image_size, resize
-from fedpeft.testing import DirectGrid
 from strategies.registry import STRATEGIES
 from tests.conftest import TINY, TINY_VISION
 

@@ -32,7 +32,7 @@ from fedpeft.config import parse_set as parse_set  # the command line's --set, r
 APP_COMPONENTS = ("fedpeft.apps.server_app:app", "fedpeft.apps.client_app:app")
 #: ``ray``: Flower's simulation engine on Ray (what users run). ``inprocess``: the same
 #: ServerApp logic and ClientApp in this process, one client after another, through
-#: :class:`fedpeft.testing.DirectGrid` -- no Ray start-up (about 20 s a run here), for
+#: :mod:`fedpeft.running.inprocess` -- no Ray start-up (about 20 s a run here), for
 #: debugging, notebooks and many small sweep points.
 ENGINES = ("ray", "inprocess")
 #: From this many virtual clients on, Flower's simulation engine runs with
@@ -68,7 +68,7 @@ class RayOptions:
 
 def app_dir() -> Path:
     """The Flower App folder (the one whose pyproject.toml declares our components)."""
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]
     pyproject = here / "pyproject.toml"
     if not pyproject.is_file():
         raise FileNotFoundError(
@@ -104,7 +104,7 @@ def resolve_config(
     The returned overrides pin ``results-dir`` (absolute) and ``run-name`` so that the
     launcher and the ServerApp agree on the results folder.
     """
-    from fedpeft.results import run_dir_for
+    from fedpeft.results.records import run_dir_for
 
     RunConfig.from_run_config(overrides)  # names an unknown key before Flower's generic error
     overrides = dict(overrides)
@@ -135,8 +135,8 @@ def preflight(cfg: RunConfig) -> None:
     resolve_strategy(cfg.strategy.name)
     strategy_stack(cfg, RejectionLog())  # builds every wrapper: their own checks run now
     if cfg.resume:  # a missing or damaged checkpoint fails here, not after Ray has started
-        from fedpeft.checkpoint import Checkpoint
-        from fedpeft.results import run_dir_for
+        from fedpeft.recovery.checkpoint import Checkpoint
+        from fedpeft.results.records import run_dir_for
 
         Checkpoint.load(run_dir_for(cfg))
     task = get_task(cfg)
@@ -205,10 +205,13 @@ def simulate(
     loopback_environment()
     preflight(cfg)
     if engine == "inprocess":
-        _run_inprocess(cfg, final, client_threads=max(1, int(ray.cpus_per_client)))
+        from fedpeft.running.inprocess import run_inprocess
+
+        fused = flower_compat.fused_run_config(app_dir(), final)
+        run_inprocess(cfg, fused, client_threads=max(1, int(ray.cpus_per_client)))
     else:
         _run_engine(cfg, final, ray_backend_config(cfg, ray), ray.verbose)
-    from fedpeft.results import run_dir_for
+    from fedpeft.results.records import run_dir_for
 
     run_dir = run_dir_for(cfg)
     if not (run_dir / "rounds.jsonl").is_file():
@@ -229,27 +232,6 @@ def quiet_flower(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _run_inprocess(cfg: RunConfig, overrides: dict[str, ConfigValue], client_threads: int) -> None:
-    """The ServerApp's round loop over an in-process grid of ``num-clients`` nodes.
-
-    Clients run with as many torch threads as a Ray client actor gets CPUs, so both
-    engines compute the same numbers to the bit.
-    """
-    from fedpeft.apps import client_app
-    from fedpeft.apps.server_app import run_server
-    from fedpeft.testing import DirectGrid
-
-    fused = flower_compat.fused_run_config(app_dir(), overrides)
-    grid = DirectGrid(
-        client_app.app,
-        cfg.num_clients,
-        fused,
-        reply_timeout=cfg.round_timeout,
-        client_threads=client_threads,
-    )
-    run_server(grid, cfg)
-
-
 @dataclass(frozen=True)
 class EnginePatches:
     """Which simulation-engine patches of :mod:`fedpeft.flower_compat` a run gets."""
@@ -263,7 +245,7 @@ def engine_patches_for(cfg: RunConfig) -> EnginePatches:
 
     Both from :data:`LARGE_RUN_CLIENTS` on.  One-pass delivery also hands a node its next
     message only after it replied (as a SuperNode pulls), which injected hangs and drops
-    rely on to stay reproducible (:mod:`fedpeft.faults`): a client kept past the round
+    rely on to stay reproducible (:mod:`fedpeft.recovery.faults`): a client kept past the round
     timeout must not run the next round at the same time on a copy of its Context.
     """
     large = cfg.num_clients >= LARGE_RUN_CLIENTS

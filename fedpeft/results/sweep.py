@@ -7,7 +7,7 @@ A sweep file is TOML::
     name = "compeft-density"        # default: the file's stem
     experiment = "../compeft.toml"  # optional base experiment, relative to this file
     results-dir = "results/sweeps"  # runs land in <results-dir>/<name>/<point>/
-    engine = "ray"                  # or "inprocess" (fedpeft.launch.ENGINES)
+    engine = "ray"                  # or "inprocess" (fedpeft.running.launch.ENGINES)
     jobs = 1                        # points at once (each in its own process)
 
     [base]                          # overrides shared by every point (like an experiment file)
@@ -53,7 +53,7 @@ import tomllib
 
 from fedpeft.config import ConfigError, ConfigValue, RunConfig, with_defaults
 from fedpeft.files import atomic_write_text
-from fedpeft.launch import ENGINES, RayOptions, load_experiment, preflight, resolve_config, simulate
+from fedpeft.running.launch import ENGINES, RayOptions, load_experiment, preflight, resolve_config, simulate
 
 MANIFEST = "sweep.json"
 SWEEP_KEYS = ("name", "experiment", "results-dir", "engine", "jobs")
@@ -169,8 +169,8 @@ def point_status(run_dir: Path, cfg: RunConfig) -> str:
             f"{run_dir} holds a run with another config (keys {diff}); move it away, or give the "
             "sweep another name or results-dir"
         )
-    from fedpeft.checkpoint import CHECKPOINT_FILE
-    from fedpeft.results import ADAPTER_DIR, read_rounds
+    from fedpeft.recovery.checkpoint import CHECKPOINT_FILE
+    from fedpeft.results.records import ADAPTER_DIR, read_rounds
 
     rounds = read_rounds(run_dir)
     if (

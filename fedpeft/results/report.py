@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config import with_defaults
-from fedpeft.results import ROUNDS_JSONL, human_bytes, read_rounds
+from fedpeft.results.records import ROUNDS_JSONL, human_bytes, read_rounds
 
 #: Config keys that never tell two runs apart (where they landed, whether resumed);
 #: ``seed`` is what a group averages over.

@@ -1,9 +1,10 @@
-"""An in-process ``Grid`` for fast, Ray-free runs of the real ServerApp logic and ClientApp.
+"""The in-process engine: the real ServerApp logic and ClientApp in one process, without Ray.
 
-``DirectGrid`` delivers each message straight to a ``ClientApp`` in this process, with
-one persistent ``Context`` per node (as Flower's simulation engine keeps them).  Tests
-and strategy authors use it to run whole federations in seconds; ``fedpeft run --engine
-inprocess`` runs on it; the Ray-backed engine (:mod:`fedpeft.launch`) is the default.
+:func:`run_inprocess` is ``fedpeft run --engine inprocess`` (the Ray-backed engine of
+:mod:`fedpeft.running.launch` is the default).  Its grid, ``DirectGrid``, delivers each
+message straight to a ``ClientApp`` in this process, with one persistent ``Context`` per
+node (as Flower's simulation engine keeps them).  Tests and strategy authors use it to run
+whole federations in seconds.
 
 It is deterministic by construction, so a run, its rerun and its resumption after a
 crash agree to the byte:
@@ -11,7 +12,7 @@ crash agree to the byte:
 * node ids are 64-bit numbers like Flower's (a message's size includes them as varints),
   drawn from the run seed instead of at random, so the same seed gives the same ids;
 * clients run one after another, and the round timeout counts only the delays injected
-  into a client (:func:`fedpeft.faults.simulated_time`), never how long the CPU took.
+  into a client (:func:`fedpeft.recovery.faults.simulated_time`), never how long the CPU took.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpeft.config import ConfigValue
-from fedpeft.faults import simulated_time
+from fedpeft.config import ConfigValue, RunConfig
 from fedpeft.flower_compat import (
     CLIENT_APP_RAISED_EXCEPTION,
     NODE_ID_NUM_BYTES,
@@ -38,6 +38,7 @@ from fedpeft.flower_compat import (
     set_task_identity,
     task_run_id,
 )
+from fedpeft.recovery.faults import simulated_time
 from fedpeft.runtime import derive_seed
 from strategies.grid import MessageGrid
 
@@ -166,3 +167,23 @@ class DirectGrid(MessageGrid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
+
+
+def run_inprocess(cfg: RunConfig, run_config: Mapping[str, ConfigValue], client_threads: int) -> None:
+    """The ServerApp's round loop over an in-process grid of ``num-clients`` nodes.
+
+    ``run_config`` is the fused run config each node's Context carries (as Flower's engine
+    would give it).  Clients run with as many torch threads as a Ray client actor gets CPUs,
+    so both engines compute the same numbers to the bit.
+    """
+    from fedpeft.apps import client_app
+    from fedpeft.apps.server_app import run_server
+
+    grid = DirectGrid(
+        client_app.app,
+        cfg.num_clients,
+        run_config,
+        reply_timeout=cfg.round_timeout,
+        client_threads=client_threads,
+    )
+    run_server(grid, cfg)

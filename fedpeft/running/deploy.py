@@ -8,8 +8,8 @@ simulation with ``flwr run <app> <connection> --stream``, and checks the run's f
 status, since ``flwr run --stream`` exits 0 even when the run failed.  Every process it
 started is stopped by its PID on the way out, also after an error or Ctrl-C.
 
-The SuperNodes run through :mod:`fedpeft.deploy_probe`, which logs what crossed the Fleet
-API, so a deployment also measures its traffic (:func:`fedpeft.deploy_probe.compare_traffic`).
+The SuperNodes run through :mod:`fedpeft.running.deploy_probe`, which logs what crossed the Fleet
+API, so a deployment also measures its traffic (:func:`fedpeft.running.deploy_probe.compare_traffic`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from pathlib import Path
 from types import TracebackType
 
 from fedpeft.config import ConfigError, ConfigValue
-from fedpeft.deploy_probe import TrafficReport, compare_traffic
-from fedpeft.launch import app_dir, resolve_config
+from fedpeft.running.deploy_probe import TrafficReport, compare_traffic
+from fedpeft.running.launch import app_dir, resolve_config
 
 HOST = "127.0.0.1"  # every process listens here only
 CONNECTION = "fedpeft-deploy"
@@ -322,7 +322,7 @@ class Deployment:
                 [
                     sys.executable,
                     "-m",
-                    "fedpeft.deploy_probe",
+                    "fedpeft.running.deploy_probe",
                     "--probe-log",
                     str(probe_log),
                     *self._tls_args(server=False),
@@ -422,7 +422,7 @@ def deploy(
             f"--supernodes {nodes} but num-clients={cfg.num_clients}: each SuperNode serves one "
             f"partition, so start as many as num-clients (or --set num-clients={nodes})"
         )
-    from fedpeft.results import run_dir_for
+    from fedpeft.results.records import run_dir_for
 
     run_dir = run_dir_for(cfg)
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="fedpeft-deploy-"))

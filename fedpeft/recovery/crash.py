@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from fedpeft.recovery import CHECKPOINT_FILE
+
 CRASH_ENV = "FEDPEFT_CRASH_AT"  # "point:n[,point:n...]": crash the n-th time this process gets there
 CRASH_SIGNAL_ENV = "FEDPEFT_CRASH_SIGNAL"  # a file to create, then freeze until killed from outside
 #: The named moments (each a place where a crash could leave a half-done state behind).
@@ -208,8 +210,6 @@ def drill(
     After each kill the run is resumed if it had checkpointed a round, else started again
     (as a user or ``fedpeft sweep`` would).  Raises if the last process does not end well.
     """
-    from fedpeft.checkpoint import CHECKPOINT_FILE
-
     attempts = []
     for kill in [*kills, None]:
         resumable = (run_dir / CHECKPOINT_FILE).is_file()

@@ -12,7 +12,7 @@ Array -> ArrayChunk), each object content-addressed by the SHA-256 of its bytes:
 * uplink: ``PushMessages`` sends the reply's metadata and object tree; the SuperLink
   answers with the ids it still needs; the node sends each with one ``PushObject``.
 
-``python -m fedpeft.deploy_probe --probe-log FILE <flower-supernode arguments>`` runs
+``python -m fedpeft.running.deploy_probe --probe-log FILE <flower-supernode arguments>`` runs
 Flower's own SuperNode with one extra client interceptor on its Fleet HTTP client.  It
 writes one JSON line per RPC (method, bytes of the serialized request and response
 bodies) and, once every object of a message has crossed, one line per message: the bytes
@@ -181,7 +181,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``--probe-log FILE`` then Flower's ``flower-supernode`` arguments."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) < 2 or args[0] != "--probe-log":
-        raise SystemExit("usage: python -m fedpeft.deploy_probe --probe-log FILE <flower-supernode args>")
+        raise SystemExit(
+            "usage: python -m fedpeft.running.deploy_probe --probe-log FILE <flower-supernode args>"
+        )
     log_path, rest = args[1], args[2:]
     # Flower's own SuperNode; every Fleet HTTP client it creates gets the probe as interceptor.
     flower_compat.run_supernode(rest, interceptor=FleetProbe(log_path, _partition_of(rest)))
@@ -264,7 +266,7 @@ def compare_traffic(run_dir: str | Path, probe_logs: Sequence[str | Path]) -> Tr
     content-addressed, so identical arrays in one message (e.g. LoRA B matrices, all zero
     before the first round) cross once.
     """
-    from fedpeft.results import read_rounds
+    from fedpeft.results.records import read_rounds
 
     records = read_probe_logs(probe_logs)
     messages = [r for r in records if r["kind"] == "message"]

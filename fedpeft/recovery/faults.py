@@ -25,7 +25,7 @@ there clients run one after another, so a wall-clock timeout would make the outc
 depend on how busy the machine is.  A reply misses the round there exactly when the
 delays injected into it exceed ``round-timeout``, whatever the load.
 
-Crashes of the whole run (SIGKILL at chosen moments) are :mod:`fedpeft.crash`'s.
+Crashes of the whole run (SIGKILL at chosen moments) are :mod:`fedpeft.recovery.crash`'s.
 """
 
 from __future__ import annotations

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from flwr.app import RecordDict
 
-from fedpeft.crash import crash_point
 from fedpeft.files import atomic_file
 from fedpeft.flower_compat import recorddict_from_bytes, recorddict_to_bytes
+from fedpeft.recovery import CHECKPOINT_FILE
+from fedpeft.recovery.crash import crash_point
 
-CHECKPOINT_FILE = "checkpoint.bin"
 CLIENT_STATE_DIR = "clients"
 _MAGIC = b"FPCK1\n"
 
@@ -49,7 +49,7 @@ class CheckpointError(RuntimeError):
 def write_atomic(path: Path, body: bytes, crash_name: str | None = None) -> None:
     """Write ``MAGIC + sha256(body) + body`` to ``path`` atomically (:func:`~fedpeft.files.atomic_file`).
 
-    ``crash_name`` names the :func:`~fedpeft.crash.crash_point` passed when half the file
+    ``crash_name`` names the :func:`~fedpeft.recovery.crash.crash_point` passed when half the file
     is on disk (the crash test kills the run there).
     """
     path.parent.mkdir(parents=True, exist_ok=True)

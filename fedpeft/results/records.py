@@ -42,8 +42,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedpeft.crash import crash_point
 from fedpeft.files import atomic_file, atomic_write_text
+from fedpeft.recovery.crash import crash_point
 
 if TYPE_CHECKING:  # results never need a model loaded; only the adapter export takes one
     from fedpeft.config import RunConfig

@@ -1,0 +1,2 @@
+"""A run's results: its folder and records (:mod:`.records`), reports over many runs
+(:mod:`.report`) and sweeps of runs (:mod:`.sweep`)."""
