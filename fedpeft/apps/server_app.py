@@ -122,6 +122,7 @@ def open_results(run_dir: Path, cfg: RunConfig, resume_after: int | None) -> Res
     if resume_after is not None:
         prepare_resume(run_dir, resume_after)
         writer.resume(resume_after)
+        writer.record_length(cfg.num_rounds)  # a resume may run a finished run longer
     else:
         writer.write_config(cfg.to_run_config())
         shutil.rmtree(run_dir / CLIENT_STATE_DIR, ignore_errors=True)  # a reused run name

@@ -398,6 +398,20 @@ class ResultsWriter:
         atomic_write_text(path, text + "\n")
         return path
 
+    def record_length(self, num_rounds: int) -> bool:
+        """A resumed run asked for more (or fewer) rounds: say so in ``config.json``.
+
+        Its other settings are those the folder was started with (a resume continues a run,
+        it does not change one), so only ``num-rounds`` is rewritten, and only when it
+        differs; returns whether it did.  Reports and plots read the length from there.
+        """
+        path = self.run_dir / CONFIG_FILE
+        saved = json.loads(path.read_text())
+        if saved.get("num-rounds") == num_rounds:
+            return False
+        self.write_config(saved | {"num-rounds": num_rounds})
+        return True
+
     def write_versions(self) -> Path:
         """Write ``versions.json``: what produced these numbers, for reproducibility."""
         path = self.run_dir / VERSIONS_FILE

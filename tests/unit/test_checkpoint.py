@@ -111,6 +111,21 @@ def test_a_run_resumed_after_a_crash_equals_an_uninterrupted_one(tiny_overrides,
     assert json.loads((run_dir / "config.json").read_text())["resume"] is False  # the run's own config
 
 
+def test_a_finished_run_resumed_for_more_rounds_records_its_new_length(tiny_overrides, tmp_path):
+    """How a benchmark extends its runs (``benchmarks/frontier.py --rounds``): the folder's
+    config says how many rounds it now holds, so reports and plots label it right."""
+    short = RunConfig.from_run_config(tiny_overrides | {"run-name": "grown", "num-rounds": 1})
+    run_dir = run_server(DirectGrid(client_app.app, 3, short.to_run_config()), short)
+    longer = RunConfig.from_run_config(
+        tiny_overrides | {"run-name": "grown", "num-rounds": 2, "resume": True}
+    )
+    run_server(DirectGrid(client_app.app, 3, longer.to_run_config()), longer)
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert [r["round"] for r in read_rounds(run_dir)] == [0, 1, 2]
+    assert saved["num-rounds"] == 2 and saved["resume"] is False
+    assert saved == short.to_run_config() | {"num-rounds": 2}
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(tiny_overrides, tmp_path):
     from fedpeft.running.launch import preflight
 
