@@ -58,9 +58,6 @@ from fedpeft.settings import (
 )
 from fedpeft.tasks.registry import TASKS
 
-_choices = choices
-_range = value_range
-
 
 # ---------------------------------------------------------------------- ranks
 def parse_ranks(spec: tuple[str, ...]) -> list[tuple[int, float]]:
@@ -106,26 +103,26 @@ class ModelConfig(Section, section="model"):
     # to ``from_pretrained`` as a local folder or a hub name.
     name: str = "minilm"
     # Tokens per example (prompt + response for a causal LM; longer inputs are truncated).
-    max_length: int = field(default=64, metadata=_range(8, 4096))
+    max_length: int = field(default=64, metadata=value_range(8, 4096))
     # Dtype of the frozen backbone: "auto" is bfloat16 on a GPU that supports it, else
     # float32 (CPUs are slow in bfloat16); the trained tensors stay float32.
-    dtype: str = field(default="auto", metadata=_choices("auto", "float32", "bfloat16"))
+    dtype: str = field(default="auto", metadata=choices("auto", "float32", "bfloat16"))
     # Recompute activations in the backward pass instead of keeping them (less memory,
     # about a third more compute): for long sequences on a small machine.
     gradient_checkpointing: bool = False
     # Images (task.name = "image-classification") are resized to image-size x image-size, a
     # multiple of the backbone's patch size; the position embeddings are interpolated to that
     # grid.  DINOv2-S/14 at 224 sees 16 x 16 patches; 56 (4 x 4) runs ~15x faster on a CPU.
-    image_size: int = field(default=224, metadata=_range(8, 2048))
+    image_size: int = field(default=224, metadata=value_range(8, 2048))
 
 
 @dataclass(frozen=True)
 class LoraConfig(Section, section="lora"):
     """Fields of HF peft's ``LoraConfig`` reachable from the run config."""
 
-    r: int = field(default=8, metadata=_range(1, 4096))
-    alpha: float = field(default=16.0, metadata=_range(0.0, lo_open=True))
-    dropout: float = field(default=0.05, metadata=_range(0.0, 0.99))
+    r: int = field(default=8, metadata=value_range(1, 4096))
+    alpha: float = field(default=16.0, metadata=value_range(0.0, lo_open=True))
+    dropout: float = field(default=0.05, metadata=value_range(0.0, 0.99))
     # Module names LoRA wraps: "auto" is peft's default for the architecture (query,value
     # for BERT; q_proj,v_proj for Llama), "all-linear" every linear layer but the output one.
     target_modules: tuple[str, ...] = ("auto",)
@@ -174,14 +171,14 @@ class PeftConfig(Section, section="peft"):
 class PromptConfig(Section, section="prompt"):
     """Prompt tuning (Lester et al., 2021) through HF peft's ``PromptTuningConfig``."""
 
-    num_virtual_tokens: int = field(default=10, metadata=_range(1, 512))
+    num_virtual_tokens: int = field(default=10, metadata=value_range(1, 512))
 
 
 @dataclass(frozen=True)
 class PrefixConfig(Section, section="prefix"):
     """Prefix tuning (Li & Liang, 2021) through HF peft's ``PrefixTuningConfig``."""
 
-    num_virtual_tokens: int = field(default=10, metadata=_range(1, 512))
+    num_virtual_tokens: int = field(default=10, metadata=value_range(1, 512))
     # Reparameterise the prefix through an MLP while training (more parameters travel).
     projection: bool = False
 
@@ -199,9 +196,9 @@ class VptConfig(Section, section="vpt"):
     """Visual prompt tuning (Jia et al., 2022), FedPEFT's "prompt" for vision transformers."""
 
     # Learnable tokens inserted after the class token.
-    num_tokens: int = field(default=10, metadata=_range(1, 512))
+    num_tokens: int = field(default=10, metadata=value_range(1, 512))
     # "shallow": one set, at the input of the first layer; "deep": a new set at every layer.
-    depth: str = field(default="shallow", metadata=_choices("shallow", "deep"))
+    depth: str = field(default="shallow", metadata=choices("shallow", "deep"))
 
 
 @dataclass(frozen=True)
@@ -209,10 +206,10 @@ class AdapterConfig(Section, section="adapter"):
     """Bottleneck adapters (Houlsby et al., 2019), the "adapter" of FedPEFT."""
 
     # Width of the down-projection.
-    bottleneck: int = field(default=32, metadata=_range(1, 4096))
+    bottleneck: int = field(default=32, metadata=value_range(1, 4096))
     # After the attention output projection, the feed-forward output projection, or both.
-    placement: str = field(default="both", metadata=_choices("both", "attention", "ffn"))
-    activation: str = field(default="gelu", metadata=_choices("gelu", "relu", "tanh"))
+    placement: str = field(default="both", metadata=choices("both", "attention", "ffn"))
+    activation: str = field(default="gelu", metadata=choices("gelu", "relu", "tanh"))
 
 
 @dataclass(frozen=True)
@@ -224,27 +221,27 @@ class DataConfig(Section, section="data"):
     text_column: str = "text"
     label_column: str = "label"
     # Keep only the N most frequent classes (0 = all); WordNet has 26 supersenses.
-    num_classes: int = field(default=0, metadata=_range(0))
+    num_classes: int = field(default=0, metadata=value_range(0))
     # Seeded subsample of the whole dataset before splitting (0 = all); for tiny runs.
-    max_examples: int = field(default=0, metadata=_range(0))
-    test_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9, lo_open=True))
-    max_test_examples: int = field(default=0, metadata=_range(0))
+    max_examples: int = field(default=0, metadata=value_range(0))
+    test_fraction: float = field(default=0.2, metadata=value_range(0.0, 0.9, lo_open=True))
+    max_test_examples: int = field(default=0, metadata=value_range(0))
     # Examples cut from the server's held-out split as its validation set, for what the
     # server tunes (server.step-search); the test set is the rest.  0 = 20% of the held-out
     # split when the server tunes something, else none (every example is a test example).
-    validation_examples: int = field(default=0, metadata=_range(0))
+    validation_examples: int = field(default=0, metadata=value_range(0))
     partitioner: str = field(
-        default="dirichlet", metadata=_choices("iid", "dirichlet", "pathological", "shard", "natural")
+        default="dirichlet", metadata=choices("iid", "dirichlet", "pathological", "shard", "natural")
     )
     # Natural partitioning: the column whose values name the clients (one client per
     # distinct value; a local file's user id, say, or "label" for one class per client).
     partition_column: str = ""
     # Dirichlet concentration: small = more skewed label distributions.
-    alpha: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
+    alpha: float = field(default=0.5, metadata=value_range(0.0, lo_open=True))
     # Pathological partitioning: classes held by each client.
-    classes_per_client: int = field(default=2, metadata=_range(1))
+    classes_per_client: int = field(default=2, metadata=value_range(1))
     # Shard partitioning: label-sorted shards per client.
-    shards_per_client: int = field(default=2, metadata=_range(1))
+    shards_per_client: int = field(default=2, metadata=value_range(1))
 
     def _check(self) -> None:
         if self.partitioner == "natural" and not self.partition_column:
@@ -263,8 +260,8 @@ class LMConfig(Section, section="lm"):
     chat_template: bool = True
     # Held-out prompts answered by greedy generation at every evaluation, for exact match
     # (the round's "accuracy"); 0 = no generation (exact match is then not measured).
-    generate_examples: int = field(default=64, metadata=_range(0))
-    max_new_tokens: int = field(default=16, metadata=_range(1, 1024))
+    generate_examples: int = field(default=64, metadata=value_range(0))
+    max_new_tokens: int = field(default=16, metadata=value_range(1, 1024))
     # Pack several short examples into each row of max-length tokens (each attends only
     # to itself: block-diagonal causal masks, positions restarting per example).
     packing: bool = False
@@ -274,17 +271,17 @@ class LMConfig(Section, section="lm"):
 class TrainConfig(Section, section="train"):
     """Local training on each client (and evaluation batch size on the server)."""
 
-    local_epochs: int = field(default=1, metadata=_range(1))
+    local_epochs: int = field(default=1, metadata=value_range(1))
     # Cap on optimizer steps per client per round (0 = no cap, run the epochs).
-    max_steps: int = field(default=0, metadata=_range(0))
-    batch_size: int = field(default=16, metadata=_range(1))
-    learning_rate: float = field(default=2e-3, metadata=_range(0.0, lo_open=True))
-    weight_decay: float = field(default=0.0, metadata=_range(0.0))
+    max_steps: int = field(default=0, metadata=value_range(0))
+    batch_size: int = field(default=16, metadata=value_range(1))
+    learning_rate: float = field(default=2e-3, metadata=value_range(0.0, lo_open=True))
+    weight_decay: float = field(default=0.0, metadata=value_range(0.0))
     # The clients' optimizer (fresh each round): "adamw", or "sgd" (plain SGD: the update
     # stays proportional to the gradient, which keeps clients' updates aligned under
     # user-level clipping, as in DP-FedAvg; Adam's per-coordinate steps are not).
-    optimizer: str = field(default="adamw", metadata=_choices("adamw", "sgd"))
-    eval_batch_size: int = field(default=64, metadata=_range(1))
+    optimizer: str = field(default="adamw", metadata=choices("adamw", "sgd"))
+    eval_batch_size: int = field(default=64, metadata=value_range(1))
 
 
 def _codec_names() -> tuple[str, ...]:
@@ -307,7 +304,7 @@ class CodecConfig(Section, section="codec"):
     # Client -> server: a registered codec ("none" = dense float32, Flower's own arrays).
     name: str = field(default="none", metadata={"registry": _codec_names})
     # Fraction of entries a sparsifying codec keeps: k = round(density * n).
-    density: float = field(default=0.1, metadata=_range(0.0, 1.0, lo_open=True))
+    density: float = field(default=0.1, metadata=value_range(0.0, 1.0, lo_open=True))
     # Keep what compression lost on each client and add it to its next update.
     error_feedback: bool = True
     # Server -> client: a registered codec applied to the change of the global model, or
@@ -320,16 +317,16 @@ class CodecConfig(Section, section="codec"):
     # drifts from the points the updates were computed at (measured: server test loss
     # rising while the clients' training loss falls, benchmarks/results/frontier_ablation_*).
     # At density 1 ComPEFT is one sign bit per entry and a scale per tensor, no positions.
-    downlink_density: float = field(default=1.0, metadata=_range(0.0, 1.0))
+    downlink_density: float = field(default=1.0, metadata=value_range(0.0, 1.0))
     # The server keeps what its downlink lost and sends it later (else it is dropped).
     downlink_error_feedback: bool = True
     # Denser early rounds: the density falls linearly from warmup-density to density over
     # warmup-rounds rounds (0 = constant density).
-    warmup_rounds: int = field(default=0, metadata=_range(0))
-    warmup_density: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
+    warmup_rounds: int = field(default=0, metadata=value_range(0))
+    warmup_density: float = field(default=1.0, metadata=value_range(0.0, 1.0, lo_open=True))
     # Tensors with at most this many entries (a classification head, biases) travel through
     # small-codec instead (0 = every tensor through the codec).
-    small_tensors: int = field(default=0, metadata=_range(0))
+    small_tensors: int = field(default=0, metadata=value_range(0))
     small_codec: str = field(default="fp16", metadata={"registry": _codec_names})
     # Each codec's own settings, name -> frozen dataclass (codec.<name>.<key> run-config keys).
     options: tuple[tuple[str, Any], ...] = field(default_factory=_codec_defaults)
@@ -379,9 +376,9 @@ class ServerConfig(Section, section="server"):
     # codec (every client sends every coordinate, and a dense mean is never longer than the
     # mean length), so a dense run gets the same server setting by construction.  Chosen on
     # BBC News (benchmarks/results/frontier_ablation_bbc-news.md).
-    aggregate: str = field(default="bounded", metadata=_choices("bounded", "senders", "all"))
-    learning_rate: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
-    momentum: float = field(default=0.0, metadata=_range(0.0, 0.999))
+    aggregate: str = field(default="bounded", metadata=choices("bounded", "senders", "all"))
+    learning_rate: float = field(default=1.0, metadata=value_range(0.0, lo_open=True))
+    momentum: float = field(default=0.0, metadata=value_range(0.0, 0.999))
     # Scales of the step tried each round on the server's validation split (needs labelled
     # data on the server: data.validation-examples); the lowest validation loss wins and is
     # recorded as step_scale.  "" = no search (scale 1): the default, which needs no data.
@@ -417,43 +414,43 @@ class DPConfig(Section, section="dp"):
     Andrew et al., 2021 for adaptive clipping); ``both``.
     """
 
-    mode: str = field(default="off", metadata=_choices("off", "local", "central", "both"))
+    mode: str = field(default="off", metadata=choices("off", "local", "central", "both"))
     # Local DP-SGD noise multiplier; ignored when target-epsilon > 0.
-    noise_multiplier: float = field(default=1.0, metadata=_range(0.0))
+    noise_multiplier: float = field(default=1.0, metadata=value_range(0.0))
     # > 0: choose each client's noise so that all num-rounds rounds spend this epsilon.
-    target_epsilon: float = field(default=0.0, metadata=_range(0.0))
+    target_epsilon: float = field(default=0.0, metadata=value_range(0.0))
     # Per-sample gradient clipping norm of local DP-SGD.
-    max_grad_norm: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
-    delta: float = field(default=1e-5, metadata=_range(0.0, 1.0, lo_open=True))
-    accountant: str = field(default="rdp", metadata=_choices("rdp", "prv", "gdp"))
+    max_grad_norm: float = field(default=1.0, metadata=value_range(0.0, lo_open=True))
+    delta: float = field(default=1e-5, metadata=value_range(0.0, 1.0, lo_open=True))
+    accountant: str = field(default="rdp", metadata=choices("rdp", "prv", "gdp"))
     # > 0: a client whose epsilon would pass this in the next round sits it out (recorded).
-    epsilon_budget: float = field(default=0.0, metadata=_range(0.0))
+    epsilon_budget: float = field(default=0.0, metadata=value_range(0.0))
     # Local DP-SGD: how Opacus gets each example's gradient.  "hooks" (default) and
     # "functorch" materialise every per-sample gradient (memory: batch x trainable params);
     # "ghost" (ghost clipping, Li et al., 2022) computes only their norms and clips through
     # a second backward pass (less memory for wide layers, more compute).  Not every PEFT
     # method runs in every mode: a bad pair is refused naming the modes that work.
-    grad_sample_mode: str = field(default="hooks", metadata=_choices("hooks", "functorch", "ghost"))
+    grad_sample_mode: str = field(default="hooks", metadata=choices("hooks", "functorch", "ghost"))
     # Local DP-SGD: > 0 splits each logical batch (Poisson, expected size train.batch-size)
     # into physical batches of at most this many examples (Opacus' BatchMemoryManager):
     # large logical batches in bounded memory; steps, noise and accounting stay logical.
-    max_physical_batch_size: int = field(default=0, metadata=_range(0))
+    max_physical_batch_size: int = field(default=0, metadata=value_range(0))
     # Central DP: clipping of each client's update on the server or on the client.
-    central_side: str = field(default="server", metadata=_choices("server", "client"))
-    central_clipping: str = field(default="fixed", metadata=_choices("fixed", "adaptive"))
-    central_noise_multiplier: float = field(default=1.0, metadata=_range(0.0))
+    central_side: str = field(default="server", metadata=choices("server", "client"))
+    central_clipping: str = field(default="fixed", metadata=choices("fixed", "adaptive"))
+    central_noise_multiplier: float = field(default=1.0, metadata=value_range(0.0))
     # Fixed clipping norm, or the initial one for adaptive clipping.
-    central_clipping_norm: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    central_clipping_norm: float = field(default=1.0, metadata=value_range(0.0, lo_open=True))
     # > 0: choose the central noise multiplier so that num-rounds releases spend this
     # user-level epsilon (under the bound of the run's sampling and mechanism).
-    central_target_epsilon: float = field(default=0.0, metadata=_range(0.0))
+    central_target_epsilon: float = field(default=0.0, metadata=value_range(0.0))
     # How the noise is released: "gaussian" (DP-FedAvg, noise on every round's aggregate) or
     # "tree" (DP-FTRL, Kairouz et al., 2021: noisy prefix sums by tree aggregation, no
     # sampling amplification needed).  The server wing's registry holds the same names.
-    central_mechanism: str = field(default="gaussian", metadata=_choices("gaussian", "tree"))
+    central_mechanism: str = field(default="gaussian", metadata=choices("gaussian", "tree"))
     # DP-FTRL: rounds per tree before it restarts from the current model (0: one tree for
     # the whole run); every client takes part at most once per tree.
-    tree_restart_rounds: int = field(default=0, metadata=_range(0))
+    tree_restart_rounds: int = field(default=0, metadata=value_range(0))
 
 
 @dataclass(frozen=True)
@@ -461,11 +458,11 @@ class FailureConfig(Section, section="failures"):
     """Injected client failures (``fedpeft.recovery.faults``): per sampled client and round, seeded."""
 
     # The client raises (an error reply).
-    raise_probability: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    raise_probability: float = field(default=0.0, metadata=value_range(0.0, 1.0))
     # The client is stuck past round-timeout and does not train that round (no reply in time).
-    hang_probability: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    hang_probability: float = field(default=0.0, metadata=value_range(0.0, 1.0))
     # The client trains, then crashes before replying (no reply in time; its state as before).
-    drop_probability: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    drop_probability: float = field(default=0.0, metadata=value_range(0.0, 1.0))
 
     def _check(self) -> None:
         if self.raise_probability + self.hang_probability + self.drop_probability > 1.0:
@@ -491,7 +488,7 @@ class StrategyConfig(Section, section="strategy"):
     kwargs: tuple[str, ...] = ()
     # > 0: a client update (reply - what it was sent) with a larger L2 norm is rejected
     # before aggregation and recorded; NaN / Inf, wrong names or shapes always are.
-    max_update_norm: float = field(default=0.0, metadata=_range(0.0))
+    max_update_norm: float = field(default=0.0, metadata=value_range(0.0))
 
     def _check(self) -> None:
         parse_kwargs(self.kwargs)  # raises on a malformed pair
@@ -552,18 +549,18 @@ class RunConfig(Section):
     the same checks run, the sections' own and those across sections)."""
 
     seed: int = 0
-    num_rounds: int = field(default=5, metadata=_range(1))
-    num_clients: int = field(default=10, metadata=_range(1))
-    fraction_train: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
+    num_rounds: int = field(default=5, metadata=value_range(1))
+    num_clients: int = field(default=10, metadata=value_range(1))
+    fraction_train: float = field(default=1.0, metadata=value_range(0.0, 1.0, lo_open=True))
     # "fixed": fraction-train x num-clients clients per round (at least min-train-clients),
     # drawn without replacement; "poisson": each client joins each round independently with
     # probability fraction-train (what amplified user-level DP accounting assumes).
-    client_sampling: str = field(default="fixed", metadata=_choices("fixed", "poisson"))
-    min_train_clients: int = field(default=2, metadata=_range(1))
+    client_sampling: str = field(default="fixed", metadata=choices("fixed", "poisson"))
+    min_train_clients: int = field(default=2, metadata=value_range(1))
     # A round with fewer usable replies than this keeps the global model as it was.
-    min_replies: int = field(default=1, metadata=_range(1))
-    fraction_evaluate: float = field(default=0.0, metadata=_range(0.0, 1.0))
-    round_timeout: float = field(default=3600.0, metadata=_range(0.0, lo_open=True))
+    min_replies: int = field(default=1, metadata=value_range(1))
+    fraction_evaluate: float = field(default=0.0, metadata=value_range(0.0, 1.0))
+    round_timeout: float = field(default=3600.0, metadata=value_range(0.0, lo_open=True))
     # "auto" picks cuda > mps > cpu; or name one ("cpu", "cuda", "cuda:1", "mps").
     device: str = "auto"
     # Parent folder of the per-run results folder; relative paths resolve against
@@ -574,7 +571,7 @@ class RunConfig(Section):
     # Continue the run in results-dir/run-name from its last checkpoint (`fedpeft run --resume`).
     resume: bool = False
     # Seconds the server waits for all clients to announce themselves.
-    connect_timeout: float = field(default=600.0, metadata=_range(0.0, lo_open=True))
+    connect_timeout: float = field(default=600.0, metadata=value_range(0.0, lo_open=True))
     task: TaskConfig = field(default_factory=TaskConfig)  # its default reads the task registry
     model: ModelConfig = ModelConfig()
     peft: PeftConfig = PeftConfig()

@@ -19,16 +19,14 @@ class ConfigError(ValueError):
     """A run-config key or value is invalid; the message names the key."""
 
 
-def _choices(*values: str) -> dict[str, Any]:
+def choices(*values: str) -> dict[str, Any]:
+    """Field metadata: the value must be one of ``values``."""
     return {"choices": values}
 
 
-def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict[str, Any]:
+def value_range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict[str, Any]:
+    """Field metadata: the value must lie in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``)."""
     return {"min": lo, "max": hi, "lo_open": lo_open}
-
-
-choices = _choices  # the names the settings dataclasses use in field metadata
-value_range = _range
 
 
 def did_you_mean(word: str, options: typing.Iterable[str]) -> str:

@@ -94,10 +94,9 @@ def test_private_flower_modules_are_told_apart():
     assert not any(map(private, ["flwr.app", "flwr.serverapp.strategy", "flwr.clientapp.mod", "flwrx"]))
 
 
-def _runtime_imports(module: str, path: Path) -> set[str]:
-    """The package modules ``module`` imports when it runs, at any depth of its code (a
-    function-level import too; ``if TYPE_CHECKING:`` blocks are not run, so not counted)."""
-    known = dict(_modules("fedpeft")) | dict(_modules("strategies"))
+def _runtime_imports(module: str, path: Path, known: set[str]) -> set[str]:
+    """The modules of ``known`` that ``module`` imports when it runs, at any depth of its code
+    (a function-level import too; ``if TYPE_CHECKING:`` blocks are not run, so not counted)."""
     tree = ast.parse(path.read_text())
     skipped = {
         id(inner)
@@ -127,11 +126,8 @@ def _runtime_imports(module: str, path: Path) -> set[str]:
 
 def import_cycles() -> list[set[str]]:
     """Every set of modules that import each other, directly or round about (Tarjan's SCCs)."""
-    graph = {
-        name: _runtime_imports(name, path)
-        for pkg in ("fedpeft", "strategies")
-        for name, path in _modules(pkg)
-    }
+    modules = dict(_modules("fedpeft")) | dict(_modules("strategies"))
+    graph = {name: _runtime_imports(name, path, set(modules)) for name, path in modules.items()}
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []

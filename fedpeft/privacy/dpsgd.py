@@ -157,7 +157,7 @@ class _Mode:
         return _Private(module, optimizer, loader, loss, self.per_sample)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Private:
     """The private objects of one client round: Opacus' module, optimizer and loader."""
 
@@ -220,13 +220,13 @@ def _private_training(
         handles = _method_grad_sample_hooks(model, private.optimizer.loss_reduction)
         if mode.ghost:
             handles += _contiguous_embedding_ids(module)
-        with _physical_batches(private, dp.max_physical_batch_size), warnings.catch_warnings():
+        with _physical_batches(private, dp.max_physical_batch_size) as batched, warnings.catch_warnings():
             # Opacus' hooks on a frozen backbone: the inputs need no gradient, by design.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             # functorch mode on an embedding table: Opacus asks autocast for the ids' int
             # dtype, which autocast declines (and computes in float32, as it should).
             warnings.filterwarnings("ignore", message="CPU Autocast only supports")
-            yield private
+            yield batched
     finally:
         for handle in handles:
             handle.remove()
@@ -237,22 +237,18 @@ def _private_training(
 
 
 @contextmanager
-def _physical_batches(private: _Private, max_physical: int) -> Iterator[None]:
-    """Split each logical batch into physical ones of at most ``max_physical`` examples
-    (Opacus' ``BatchMemoryManager``); 0 leaves the loader as it is."""
+def _physical_batches(private: _Private, max_physical: int) -> Iterator[_Private]:
+    """``private`` with each logical batch split into physical ones of at most
+    ``max_physical`` examples (Opacus' ``BatchMemoryManager``); 0 leaves it as it is."""
     if not max_physical:
-        yield
+        yield private
         return
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
     with BatchMemoryManager(
         data_loader=private.loader, max_physical_batch_size=max_physical, optimizer=private.optimizer
     ) as loader:
-        logical, private.loader = private.loader, loader
-        try:
-            yield
-        finally:
-            private.loader = logical
+        yield dataclasses.replace(private, loader=loader)
 
 
 class TaskCriterion:
