@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
+
+import tomllib
 
 ConfigValue = bool | int | float | str
+_S = TypeVar("_S", bound="Section")
 
 
 class ConfigError(ValueError):
@@ -27,6 +30,12 @@ def choices(*values: str) -> dict[str, Any]:
 def value_range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict[str, Any]:
     """Field metadata: the value must lie in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``)."""
     return {"min": lo, "max": hi, "lo_open": lo_open}
+
+
+def from_registry(registry: typing.Mapping[str, Any]) -> dict[str, Any]:
+    """Field metadata: the value must be a name in ``registry`` (read when checked, so an
+    entry registered later counts)."""
+    return {"registry": lambda: tuple(registry)}
 
 
 def did_you_mean(word: str, options: typing.Iterable[str]) -> str:
@@ -44,6 +53,31 @@ def unknown_choice(key: str, value: object, options: typing.Iterable[str]) -> Co
         f"config key '{key}': unknown value {value!r}{did_you_mean(str(value), opts)} "
         f"(valid: {', '.join(opts)})"
     )
+
+
+def toml_value(raw: str) -> object:
+    """``raw`` read as a TOML value (``4``, ``0.5``, ``true``, ``"x"``, ``[1, 2]``), else ``raw`` itself.
+
+    The one reader of command-line and ``strategy.kwargs`` values: an unquoted word stays text.
+    """
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def parse_set(items: list[str]) -> dict[str, ConfigValue]:
+    """``key=value`` pairs (``--set``); values parse as TOML scalars, else as plain strings."""
+    out: dict[str, ConfigValue] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        value = toml_value(raw)
+        if not isinstance(value, (bool, int, float, str)):
+            raise ConfigError(f"--set {key}: only scalars are allowed, got {raw!r}")
+        out[key.strip()] = value
+    return out
 
 
 # ---------------------------------------------------------------------- checks
@@ -111,12 +145,26 @@ def check_value(key: str, fld: dataclasses.Field[Any], value: object) -> Any:
 
 
 # ---------------------------------------------------------------------- sections
+SECTIONS: dict[str, type[Section]] = {}
+"""Every section of the run config, by name, in the order they were declared.
+
+A feature declares its section by subclassing :class:`Section` with ``section="name"``;
+the run config (:class:`fedpeft.config.RunConfig`) is assembled from this registry, so a
+new feature adds its keys without an edit anywhere else."""
+
+
 class Section:
     """Base of the config dataclasses: each checks its fields when it is built.
 
     ``section`` (a class keyword) is the prefix of its run-config keys (``"train"`` for
     ``train.learning-rate``; ``""`` for the top-level keys of :class:`RunConfig`), so an
-    error names the key whichever way the object was built.
+    error names the key whichever way the object was built.  A named section registers
+    itself in :data:`SECTIONS`, and so becomes part of every run config.
+
+    Two hooks let a feature state how it relates to the others without any other module
+    naming it: :meth:`check_run` (a rule across sections, phrased in the traits the other
+    side declares) and :meth:`implies` (settings of other sections that this one's choice
+    entails, such as FFA-LoRA's frozen A).
     """
 
     _section: ClassVar[str] = ""
@@ -124,6 +172,36 @@ class Section:
     def __init_subclass__(cls, section: str = "", **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._section = section
+        if section:
+            SECTIONS[section] = cls
+
+    @classmethod
+    def of(cls: type[_S], run: Any) -> _S:
+        """This section of run config ``run`` (typed: ``LoraConfig.of(cfg).r``)."""
+        found = run.section(cls._section)
+        assert isinstance(found, cls)
+        return found
+
+    def check_run(self, run: Any) -> None:
+        """Checks that involve other sections of the run ``run`` (none unless overridden).
+
+        Called once the whole run config is built; raise :class:`ConfigError` naming the
+        key.  Ask the other side for its declared traits rather than testing its name."""
+
+    def client_view(self, partition_id: int, run: Any) -> Section:
+        """This section as client ``partition_id`` builds its model (itself unless
+        overridden: LoRA's rank may differ per client)."""
+        return self
+
+    def server_view(self, run: Any) -> Section:
+        """This section as the server builds its template (itself unless overridden)."""
+        return self
+
+    def implies(self) -> dict[str, dict[str, Any]]:
+        """Settings of other sections entailed by this one, ``{section: {field: value}}``.
+
+        Applied when a run config is read, over what the user gave (none unless overridden)."""
+        return {}
 
     def __post_init__(self) -> None:
         for name, value in check_fields(self, self._section).items():

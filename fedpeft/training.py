@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fedpeft.config import TrainConfig
 from fedpeft.models import FedModel
 from fedpeft.tasks.base import Batch, Examples, Task
+from fedpeft.tasks.settings import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,10 @@ class FFALoRA(FedAvg):
 
     # B_k must have one shape to be averaged (no heterogeneous ranks). Conformance: B-only
     # layout; the product s * B @ A_shared is averaged exactly.
-    traits = StrategyTraits(conformance={"layout": "b-only", "lora": "product"})
+    traits = StrategyTraits(
+        conformance={"layout": "b-only", "lora": "product"},
+        implies={"lora": {"freeze_a": True}},  # only B trains and travels
+    )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -39,6 +39,7 @@ from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
 from strategies.functional import functional_factory
 from strategies.hints import did_you_mean
+from strategies.traits import StrategyTraits, declared_traits
 
 StrategyFactory = Callable[..., Strategy]
 
@@ -72,6 +73,19 @@ STRATEGIES: dict[str, tuple[StrategyFactory, str]] = {
     ),
 }
 KWARGS_KEY = "strategy.kwargs"
+
+
+def registered_traits(name: str) -> StrategyTraits | None:
+    """The traits a registered strategy declares (None for a ``module:name`` or unknown name)."""
+    entry = STRATEGIES.get(name)
+    return None if entry is None else declared_traits(entry[0])
+
+
+def names_with(trait: str) -> list[str]:
+    """The registered strategies that declare boolean trait ``trait`` (sorted)."""
+    return sorted(
+        name for name, (factory, _) in STRATEGIES.items() if getattr(declared_traits(factory), trait)
+    )
 
 
 class StrategyError(ValueError):

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from strategies.wrapper import wrapper_chain
 
@@ -42,19 +42,30 @@ class StrategyTraits:
         update guard skips its layout checks).
     conformance: what :mod:`strategies.conformance` should expect, as keyword arguments of
         its ``Traits`` (``kind``, ``weighted``, ``layout``, ``lora``, ``truncates``).
+    plain_mean: its aggregate is the example-weighted mean of the replies and nothing else
+        (no server optimizer, no robust rule), so a mechanism that sets the server update
+        itself (DP-FTRL's noisy prefix sums) can stand in for it.
+    implies: settings of other run-config sections that choosing it entails,
+        ``{section: {field: value}}`` (FFA-LoRA: ``{"lora": {"freeze_a": True}}``).
     """
 
     heterogeneous_ranks: bool = False
     rewrites_arrays: bool = False
     conformance: Mapping[str, Any] = field(default_factory=dict)
+    plain_mean: bool = False
+    implies: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # A copy, plain so that it pickles (a functional strategy keeps its traits, and
         # checkpoints pickle the strategy).
         object.__setattr__(self, "conformance", dict(self.conformance))
+        object.__setattr__(self, "implies", {k: dict(v) for k, v in self.implies.items()})
 
 
 DEFAULT_TRAITS = StrategyTraits()
+#: Flower's own strategies cannot declare traits: theirs, by exact class (a subclass
+#: changes the aggregate, so it declares its own).
+FLOWER_TRAITS: dict[type, StrategyTraits] = {FedAvg: StrategyTraits(plain_mean=True)}
 
 
 def declared_traits(obj: object) -> StrategyTraits:
@@ -66,7 +77,8 @@ def declared_traits(obj: object) -> StrategyTraits:
             "`traits = strategies.traits.StrategyTraits(...)` instead (heterogeneous_ranks, "
             "rewrites_arrays, conformance={...})"
         )
-    traits = getattr(obj, "traits", DEFAULT_TRAITS)
+    klass = obj if isinstance(obj, type) else type(obj)
+    traits = getattr(obj, "traits", FLOWER_TRAITS.get(klass, DEFAULT_TRAITS))
     if not isinstance(traits, StrategyTraits):
         raise TypeError(f"{_label(obj)}.traits is a {type(traits).__name__}, not a StrategyTraits")
     return traits

@@ -29,7 +29,7 @@ from fedpeft.codecs.registry import transport_codec
 from fedpeft.wire import ARRAYS_KEY, CONFIG_KEY, from_record, to_record
 
 if TYPE_CHECKING:  # the run config assembles the codecs' settings: no import at run time
-    from fedpeft.config import CodecConfig
+    from fedpeft.codecs.settings import CodecConfig
 
 PAYLOAD_KEY = "fedpeft.payload"
 # Train-config keys the server uses to tell the mod what the downlink holds.

@@ -23,7 +23,7 @@ from fedpeft.codecs.split import codec_for_template
 from fedpeft.codecs.topk import TopkCodec, TopkSettings
 
 if TYPE_CHECKING:  # the run config assembles the codecs' settings: no import at run time
-    from fedpeft.config import CodecConfig
+    from fedpeft.codecs.settings import CodecConfig
 
 
 @dataclass(frozen=True)

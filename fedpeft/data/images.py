@@ -37,13 +37,13 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
 import pyarrow as pa
 from datasets.table import InMemoryTable
 
-from fedpeft.config import ConfigError, DataConfig
 from fedpeft.data.sources import (
     OTHER_KINDS,
     DataSourceUnavailable,
@@ -52,6 +52,10 @@ from fedpeft.data.sources import (
     source_key,
     subsample,
 )
+from fedpeft.settings import ConfigError
+
+if TYPE_CHECKING:  # the data section's checks load this package: no import back at run time
+    from fedpeft.data.settings import DataConfig
 
 __all__ = [
     "FASHION_MNIST_LABELS",

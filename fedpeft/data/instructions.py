@@ -33,9 +33,8 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedpeft.config import ConfigError, DataConfig
 from fedpeft.data.sources import (
     LOCAL_SUFFIXES,
     TextDataset,
@@ -49,6 +48,10 @@ from fedpeft.data.sources import (
     wordnet_label_names,
     wordnet_synsets,
 )
+from fedpeft.settings import ConfigError
+
+if TYPE_CHECKING:  # the data section's checks load this package: no import back at run time
+    from fedpeft.data.settings import DataConfig
 
 __all__ = ["INSTRUCTION_SOURCES", "load_instructions", "messages_of", "user_prompt"]
 

@@ -48,7 +48,7 @@ from fedpeft.data.sources import label_array
 from fedpeft.settings import ConfigError, unknown_choice
 
 if TYPE_CHECKING:
-    from fedpeft.config import DataConfig
+    from fedpeft.data.settings import DataConfig
 
 __all__ = [
     "PARTITIONERS",
@@ -72,12 +72,14 @@ class PartitionerSpec:
     ``candidates(cfg, num_partitions, seed, num_rows)`` gives fresh flwr-datasets
     partitioners to try in turn, strictest first (one for most; Dirichlet relaxes its
     minimum client size); the first that splits the data is kept.  ``setting`` is the
-    config key to check when none can.  A partitioner's cache key is the whole frozen
-    data section (:func:`cache_key`), so a new setting needs no edit here.
+    config key to check when none can.  ``check(cfg)`` refuses a data section this
+    partitioner cannot use (run as the section is built).  A partitioner's cache key is the
+    whole frozen data section (:func:`cache_key`), so a new setting needs no edit here.
     """
 
     candidates: Callable[[DataConfig, int, int, int], Sequence[Partitioner]]
     setting: str = ""
+    check: Callable[[DataConfig], None] | None = None
 
 
 class ShuffledIidPartitioner(Partitioner):
@@ -183,13 +185,21 @@ def _natural(cfg: DataConfig, num_partitions: int, seed: int, num_rows: int) -> 
     return [GroupedNaturalIdPartitioner(partition_by=cfg.partition_column)]
 
 
+def _natural_needs_a_column(cfg: DataConfig) -> None:
+    if not cfg.partition_column:
+        raise ConfigError(
+            "config key 'data.partition-column' must name the column that identifies the clients "
+            "when data.partitioner = 'natural'"
+        )
+
+
 #: ``data.partitioner`` name -> its :class:`PartitionerSpec` (one line per partitioner).
 PARTITIONERS: dict[str, PartitionerSpec] = {
     "iid": PartitionerSpec(_iid),
     "dirichlet": PartitionerSpec(_dirichlet, "data.alpha"),
     "pathological": PartitionerSpec(_pathological, "data.classes-per-client"),
     "shard": PartitionerSpec(_shard, "data.shards-per-client"),
-    "natural": PartitionerSpec(_natural, "data.partition-column"),
+    "natural": PartitionerSpec(_natural, "data.partition-column", _natural_needs_a_column),
 }
 
 

@@ -32,7 +32,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -40,7 +40,10 @@ import pyarrow as pa
 from datasets.fingerprint import Hasher
 from datasets.table import InMemoryTable
 
-from fedpeft.config import ConfigError, DataConfig
+from fedpeft.settings import ConfigError
+
+if TYPE_CHECKING:  # the data section's checks load this package: no import back at run time
+    from fedpeft.data.settings import DataConfig
 
 __all__ = [
     "LOCAL_SUFFIXES",
@@ -489,7 +492,7 @@ def load_source(cfg: DataConfig, seed: int) -> TextDataset:
 def source_key(cfg: DataConfig) -> DataConfig:
     """``cfg`` with only the fields that change what a source loads (the cache key)."""
     natural = cfg.partitioner == "natural"
-    return DataConfig(
+    return type(cfg)(
         dataset=cfg.dataset,
         text_column=cfg.text_column,
         label_column=cfg.label_column,

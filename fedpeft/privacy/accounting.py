@@ -15,7 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from fedpeft.config import DPConfig, TrainConfig
+from fedpeft.privacy.settings import DPConfig
+from fedpeft.tasks.settings import TrainConfig
 
 History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps) per round
 

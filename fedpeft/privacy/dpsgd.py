@@ -39,11 +39,13 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.hooks import RemovableHandle
 
-from fedpeft.config import ConfigError, DPConfig, TrainConfig
 from fedpeft.models import FedModel, get_method
 from fedpeft.models.grad_sample import GradSampleError
 from fedpeft.privacy.accounting import PrivacyError, RoundPlan
+from fedpeft.privacy.settings import DPConfig
+from fedpeft.settings import ConfigError
 from fedpeft.tasks.base import Examples
+from fedpeft.tasks.settings import TrainConfig
 from fedpeft.training import TrainResult, make_optimizer
 
 #: ``(logits, targets) -> mean loss``: the learning task's training loss.

@@ -17,15 +17,43 @@ The apps call into this package; the core (models, data, codecs, privacy, traini
 never imports it, and it never imports the apps.
 """
 
-from fedpeft.server.discovery import ClientDiscoveryError, Discovery, discover_clients
-from fedpeft.server.stack import ServerState, check_compatible, server_picks_cohort, strategy_stack
+from __future__ import annotations
 
-__all__ = [
-    "ClientDiscoveryError",
-    "Discovery",
-    "ServerState",
-    "check_compatible",
-    "discover_clients",
-    "server_picks_cohort",
-    "strategy_stack",
-]
+from typing import TYPE_CHECKING
+
+from fedpeft.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from fedpeft.server.discovery import (
+        ClientDiscoveryError as ClientDiscoveryError,
+    )
+    from fedpeft.server.discovery import (
+        Discovery as Discovery,
+    )
+    from fedpeft.server.discovery import (
+        discover_clients as discover_clients,
+    )
+    from fedpeft.server.stack import (
+        ServerState as ServerState,
+    )
+    from fedpeft.server.stack import (
+        check_compatible as check_compatible,
+    )
+    from fedpeft.server.stack import (
+        server_picks_cohort as server_picks_cohort,
+    )
+    from fedpeft.server.stack import (
+        strategy_stack as strategy_stack,
+    )
+
+_WHERE = {
+    "ClientDiscoveryError": ".discovery",
+    "Discovery": ".discovery",
+    "discover_clients": ".discovery",
+    "ServerState": ".stack",
+    "check_compatible": ".stack",
+    "server_picks_cohort": ".stack",
+    "strategy_stack": ".stack",
+}
+__all__ = sorted(_WHERE)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -18,8 +18,8 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedpeft.config import DPConfig
 from fedpeft.privacy.accounting import Ledger, RoundPlan
+from fedpeft.privacy.settings import DPConfig
 from fedpeft.server.rejections import RejectionLog
 from fedpeft.wire import METRICS_KEY
 from strategies.wrapper import StrategyWrapper

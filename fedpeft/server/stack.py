@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from flwr.serverapp.strategy import Strategy
 
 from fedpeft.codecs.registry import build_codec
-from fedpeft.config import ConfigError, RunConfig
+from fedpeft.config import RunConfig
 from fedpeft.privacy import RoundPlan
+from fedpeft.privacy.mechanisms import central_dp, mechanism_of
 from fedpeft.server.budget import PrivacyBudget
 from fedpeft.server.guard import UpdateGuard
 from fedpeft.server.rejections import RejectionLog
@@ -42,7 +43,7 @@ from fedpeft.server.sampling import PoissonSampling
 from fedpeft.server.step import ServerStep
 from fedpeft.server.tap import StrategyMetricsTap
 from fedpeft.server.transport import CompressedTransport
-from fedpeft.server.user_dp import central_dp
+from fedpeft.settings import ConfigError
 from strategies import build_strategy
 from strategies.traits import hand_client_ranks, traits_of
 from strategies.wrapper import wrapper_chain
@@ -77,9 +78,8 @@ class ServerState:
 def server_picks_cohort(cfg: RunConfig) -> bool:
     """Whether a wrapper, not the strategy, picks each round's clients (Poisson sampling,
     DP-FTRL's once-per-tree cohorts): the strategy then takes every node it is shown."""
-    return cfg.client_sampling == "poisson" or (
-        cfg.dp.mode in ("central", "both") and cfg.dp.central_mechanism == "tree"
-    )
+    mechanism = mechanism_of(cfg)
+    return cfg.client_sampling == "poisson" or (mechanism is not None and mechanism.picks_cohort)
 
 
 def strategy_stack(cfg: RunConfig, rejections: RejectionLog) -> tuple[Strategy, PrivacyBudget | None]:
@@ -119,7 +119,7 @@ def check_compatible(cfg: RunConfig, strategy: Strategy) -> None:
     anything starts."""
     name = cfg.strategy.name
     traits = traits_of(strategy)
-    if cfg.heterogeneous_ranks() and not traits.heterogeneous_ranks:
+    if cfg.lora.heterogeneous(cfg) and not traits.heterogeneous_ranks:
         raise ConfigError(
             f"config key 'lora.ranks' gives clients different ranks, which strategy {name!r} cannot "
             "aggregate (shapes differ); use strategy.name = 'flexlora' or 'flora'"

@@ -33,7 +33,7 @@ from fedpeft.codecs.flower import (
     payload_record,
 )
 from fedpeft.codecs.registry import transport_codec
-from fedpeft.config import CodecConfig
+from fedpeft.codecs.settings import CodecConfig
 from fedpeft.server.rejections import RejectionLog
 from fedpeft.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, from_record, to_record
 from strategies.wrapper import StrategyWrapper

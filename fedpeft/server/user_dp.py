@@ -1,8 +1,9 @@
-"""User-level (central) differential privacy on the server: the registry of mechanisms, and
+"""User-level (central) differential privacy on the server: the built-in mechanisms, and
 what their accountant is told.
 
-``dp.central-mechanism`` names an entry of :data:`CENTRAL_MECHANISMS`; each builds a wrapper
-around the strategy that clips every client's update and releases the noisy aggregate:
+``dp.central-mechanism`` names an entry of :data:`fedpeft.privacy.mechanisms.CENTRAL_MECHANISMS`;
+the built-in ones point here, each building a wrapper around the strategy that clips
+every client's update and releases the noisy aggregate:
 
 * ``gaussian`` -- DP-FedAvg (McMahan et al., 2018) through Flower's own wrappers (fixed or
   adaptive clipping, on the server or the client), with the fixed-denominator estimator
@@ -17,6 +18,7 @@ around the strategy that clips every client's update and releases the noisy aggr
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -29,10 +31,13 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedpeft.config import ConfigError, RunConfig
-from fedpeft.privacy import UserLevel
+from fedpeft.privacy.accounting import UserLevel
 from fedpeft.server.ftrl import TreeAggregation
+from fedpeft.settings import ConfigError
 from strategies.wrapper import StrategyWrapper
+
+if TYPE_CHECKING:
+    from fedpeft.config import RunConfig
 
 
 def cohort_size(cfg: RunConfig) -> float:
@@ -158,15 +163,3 @@ def tree_mechanism(inner: Strategy, cfg: RunConfig) -> Strategy:
         restart_rounds=cfg.dp.tree_restart_rounds or cfg.num_rounds,
         seed=cfg.seed,
     )
-
-
-#: ``dp.central-mechanism`` -> a function wrapping the strategy in that mechanism.
-CENTRAL_MECHANISMS: dict[str, Callable[[Strategy, RunConfig], Strategy]] = {
-    "gaussian": gaussian_mechanism,
-    "tree": tree_mechanism,
-}
-
-
-def central_dp(inner: Strategy, cfg: RunConfig) -> Strategy:
-    """``inner`` wrapped in the run's user-level DP mechanism."""
-    return CENTRAL_MECHANISMS[cfg.dp.central_mechanism](inner, cfg)

@@ -36,11 +36,12 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from fedpeft.config import ConfigError, RunConfig
+from fedpeft.config import RunConfig
 from fedpeft.data import column_values
 from fedpeft.data.instructions import load_instructions, messages_of
 from fedpeft.models import FedModel
 from fedpeft.models.backbone import load_tokenizer
+from fedpeft.settings import ConfigError
 from fedpeft.tasks import splits
 from fedpeft.tasks.base import Evaluation, Examples
 from fedpeft.training import Encoded, forward_batches

@@ -12,9 +12,10 @@ import math
 import numpy as np
 import torch
 
-from fedpeft.config import RunConfig, TrainConfig
+from fedpeft.config import RunConfig
 from fedpeft.models import FedModel, build_model
 from fedpeft.tasks.base import Examples, Task
+from fedpeft.tasks.settings import TrainConfig
 from fedpeft.training import train_local
 
 

@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig
 
-from fedpeft.config import ConfigError, RunConfig
+from fedpeft.config import RunConfig
 from fedpeft.data.images import image_store, load_images
 from fedpeft.data.sources import TextDataset, label_array
 from fedpeft.models.backbone import load_image_processor, resolve_model_path
+from fedpeft.settings import ConfigError
 from fedpeft.tasks import splits
 from fedpeft.tasks.base import Batch
 from fedpeft.tasks.classification import LabelObjective

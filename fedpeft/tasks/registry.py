@@ -18,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fedpeft.settings import unknown_choice
+from fedpeft.settings import Section, unknown_choice
 from fedpeft.tasks.base import Task
+from fedpeft.tasks.lm_settings import LMConfig
 
 if TYPE_CHECKING:  # the run config reads this registry for its choices: no import at run time
     from fedpeft.config import RunConfig
@@ -31,6 +32,9 @@ class TaskSpec:
 
     target: str | Callable[[], Task]  # "module:Class", or the class / factory itself
     description: str
+    # Its own run-config section, if it has settings (declared in a light module: the run
+    # config imports it to know every key, without loading the task's code).
+    settings: type[Section] | None = None
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -45,6 +49,7 @@ TASKS: dict[str, TaskSpec] = {
     "causal-lm": TaskSpec(
         "fedpeft.tasks.causal_lm:CausalLM",
         "instruction tuning of a causal LM (loss on response tokens; perplexity, exact match)",
+        LMConfig,
     ),
 }
 

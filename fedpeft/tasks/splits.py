@@ -16,8 +16,10 @@ from typing import Any
 
 import datasets
 
-from fedpeft.config import ConfigError, DataConfig, RunConfig
+from fedpeft.config import RunConfig
 from fedpeft.data import TextDataset, load_partition, partition_stats, split_train_test
+from fedpeft.data.settings import DataConfig
+from fedpeft.settings import ConfigError
 
 #: ``(data config, seed) -> the whole dataset``, cached by the loader itself.
 Loader = Callable[[DataConfig, int], TextDataset]
@@ -42,7 +44,7 @@ def server_splits(loader: Loader, cfg: RunConfig) -> tuple[datasets.Dataset, dat
     seed, for what the server tunes; the rest is the test set every figure is measured on."""
     held_out = split(loader, cfg)[1]
     n = cfg.data.validation_examples
-    if n == 0 and cfg.server_tunes():
+    if n == 0 and cfg.server.tunes():
         n = max(round(AUTO_VALIDATION_FRACTION * len(held_out)), min(AUTO_VALIDATION_MIN, len(held_out) // 2))
     if n == 0:
         return held_out.select([]), held_out

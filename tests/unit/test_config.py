@@ -5,19 +5,14 @@ import pytest
 import tomllib
 from flwr.common.config import flatten_dict
 
-from fedpeft.config import (
-    CodecConfig,
-    ConfigError,
-    DataConfig,
-    DPConfig,
-    FailureConfig,
-    LoraConfig,
-    RunConfig,
-    ServerConfig,
-    StrategyConfig,
-    TrainConfig,
-    config_schema,
-)
+from fedpeft.codecs.settings import CodecConfig
+from fedpeft.config import ConfigError, RunConfig, config_schema
+from fedpeft.data.settings import DataConfig
+from fedpeft.models.settings import LoraConfig
+from fedpeft.privacy.settings import DPConfig
+from fedpeft.recovery.settings import FailureConfig
+from fedpeft.server.settings import ServerConfig, StrategyConfig
+from fedpeft.tasks.settings import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

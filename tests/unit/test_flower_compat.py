@@ -6,8 +6,9 @@ import flwr
 import pytest
 
 from fedpeft import cli, flower_compat
-from fedpeft.config import FailureConfig, RunConfig
+from fedpeft.config import RunConfig
 from fedpeft.flower_compat import UnsupportedFlowerVersion, check_flower_version
+from fedpeft.recovery.settings import FailureConfig
 from fedpeft.running import inprocess, launch
 
 

@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
 
-from fedpeft.config import ConfigError, RunConfig, TrainConfig
+from fedpeft.config import ConfigError, RunConfig
 from fedpeft.models import build_model
 from fedpeft.tasks import build_task
+from fedpeft.tasks.settings import TrainConfig
 from fedpeft.training import train_local
 
 TASK = build_task("sequence-classification")

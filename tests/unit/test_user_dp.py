@@ -13,11 +13,12 @@ from fedpeft.apps import client_app
 from fedpeft.apps.server_app import run_server
 from fedpeft.config import ConfigError, RunConfig
 from fedpeft.privacy import UserLevel
+from fedpeft.privacy.mechanisms import CENTRAL_MECHANISMS
 from fedpeft.results.records import read_rounds
 from fedpeft.running.inprocess import DirectGrid
 from fedpeft.server.ftrl import TreeAggregation, tree_nodes
 from fedpeft.server.sampling import PoissonSampling, poisson_cohort
-from fedpeft.server.user_dp import CENTRAL_MECHANISMS, FixedDenominator, central_noise
+from fedpeft.server.user_dp import FixedDenominator, central_noise
 from strategies.conformance import ToyGrid, make_reply
 from tests.conftest import TINY
 
@@ -32,11 +33,13 @@ def _every_node():
     return FedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1)
 
 
-def test_the_registry_holds_every_configured_mechanism():
-    from fedpeft.config import DPConfig
+def test_the_configs_choices_are_the_mechanism_registry():
+    from fedpeft.privacy.settings import DPConfig
 
-    choices = DPConfig.__dataclass_fields__["central_mechanism"].metadata["choices"]
-    assert set(CENTRAL_MECHANISMS) == set(choices)
+    names = DPConfig.__dataclass_fields__["central_mechanism"].metadata["registry"]()
+    assert set(names) == set(CENTRAL_MECHANISMS) == {"gaussian", "tree"}
+    for mechanism in CENTRAL_MECHANISMS.values():
+        assert callable(mechanism.builder())  # every built-in builder resolves
 
 
 def test_poisson_cohorts_are_seeded_per_round_and_have_the_expected_size():

@@ -28,9 +28,10 @@ def test_size_is_within_3_percent_of_the_entropy_bound_plus_header(positions, de
 
 
 def test_size_bound_holds_for_a_real_lora_update():
-    from fedpeft.config import RunConfig, TrainConfig
+    from fedpeft.config import RunConfig
     from fedpeft.models import build_model
     from fedpeft.tasks import get_task
+    from fedpeft.tasks.settings import TrainConfig
     from fedpeft.training import train_local
     from tests.conftest import TINY
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedpeft.config import ConfigError, DataConfig
+from fedpeft.config import ConfigError
 from fedpeft.data import images, load_partition, partition_stats
 from fedpeft.data.images import (
     FASHION_MNIST_LABELS,
@@ -25,6 +25,7 @@ from fedpeft.data.images import (
     make_image_dataset,
     read_idx,
 )
+from fedpeft.data.settings import DataConfig
 from fedpeft.data.sources import DataSourceUnavailable, TextDataset, label_array, split_train_test
 
 FASHION = DataConfig(dataset="fashion-mnist")

@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from fedpeft.config import ConfigError, DataConfig
+from fedpeft.config import ConfigError
 from fedpeft.data import column_values, label_array, load_partition, split_train_test
 from fedpeft.data.instructions import load_instructions, messages_of
+from fedpeft.data.settings import DataConfig
 from fedpeft.data.sources import WORDNET_SYSTEM_PATH
 
 

@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedpeft.config import ConfigError, DataConfig
+from fedpeft.config import ConfigError
 from fedpeft.data import sources
+from fedpeft.data.settings import DataConfig
 from fedpeft.data.sources import (
     DataSourceUnavailable,
     TextDataset,

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 
 from fedpeft import privacy
-from fedpeft.config import ConfigError, RunConfig, TrainConfig
+from fedpeft.config import ConfigError, RunConfig
 from fedpeft.models import build_model
 from fedpeft.tasks import build_task
+from fedpeft.tasks.settings import TrainConfig
 from tests.conftest import TINY_LLM
 
 TASK = build_task("causal-lm")

@@ -79,7 +79,7 @@ def test_ffa_lora_freezes_a_at_the_shared_seeded_init():
 def test_each_client_builds_its_own_rank():
     cfg = RunConfig.from_run_config({"lora.ranks": "2,4,8", "num-clients": 4, "strategy.name": "flexlora"})
     assert [cfg.for_partition(p).lora.r for p in range(4)] == [2, 4, 8, 2]
-    assert cfg.for_server().lora.r == 8 and cfg.heterogeneous_ranks()
+    assert cfg.for_server().lora.r == 8 and cfg.lora.heterogeneous(cfg)
     drawn = RunConfig.from_run_config({"lora.ranks": "2:0.5,16:0.5", "num-clients": 40})
     ranks = drawn.lora.all_ranks(40, drawn.seed)
     assert set(ranks) == {2, 16} and ranks == drawn.lora.all_ranks(40, drawn.seed)

@@ -6,8 +6,9 @@ import pytest
 from flwr.app import ConfigRecord
 from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
 
-from fedpeft.config import DPConfig, TrainConfig
 from fedpeft.privacy import accounting
+from fedpeft.privacy.settings import DPConfig
+from fedpeft.tasks.settings import TrainConfig
 
 HISTORY = [(1.1, 0.05, 20), (0.8, 0.02, 35), (1.1, 0.05, 20), (2.0, 0.1, 7)]
 

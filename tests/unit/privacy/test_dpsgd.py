@@ -15,9 +15,10 @@ import torch
 from peft import PeftModelForSequenceClassification
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from fedpeft.config import ConfigError, DPConfig, RunConfig
+from fedpeft.config import ConfigError, RunConfig
 from fedpeft.models import build_model
 from fedpeft.privacy import PrivacyError, RoundPlan, dpsgd
+from fedpeft.privacy.settings import DPConfig
 from fedpeft.tasks import build_task, get_task
 from fedpeft.training import Encoded
 from tests.conftest import TINY

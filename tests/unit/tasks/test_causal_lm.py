@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fedpeft.config import ConfigError, RunConfig, TrainConfig
+from fedpeft.config import ConfigError, RunConfig
 from fedpeft.data.instructions import user_prompt
 from fedpeft.models.backbone import load_tokenizer
 from fedpeft.tasks import build_task
@@ -20,6 +20,7 @@ from fedpeft.tasks.causal_lm import (
     normalize,
 )
 from fedpeft.tasks.model import task_model
+from fedpeft.tasks.settings import TrainConfig
 from fedpeft.training import train_local
 from tests.conftest import TINY_LLM
 

@@ -15,12 +15,13 @@ import torch.nn.functional as F
 
 from fedpeft.apps import client_app
 from fedpeft.apps.server_app import run_server
-from fedpeft.config import ConfigError, RunConfig, TaskConfig
+from fedpeft.config import ConfigError, RunConfig
 from fedpeft.results.records import read_rounds
 from fedpeft.running.inprocess import DirectGrid
 from fedpeft.tasks import TASKS, Evaluation, TaskSpec, build_task, get_task
 from fedpeft.tasks import classification as seqcls
 from fedpeft.tasks.conformance import check_task
+from fedpeft.tasks.settings import TaskConfig
 from fedpeft.training import Encoded, forward_batches
 
 
