@@ -12,6 +12,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,24 +30,45 @@ from fedpeft.server.meter import MeteredGrid
 from fedpeft.server.recorder import RoundRecorder
 from fedpeft.server.resume import RoundOffset, remap_nodes
 from fedpeft.server.stack import ServerState
-from fedpeft.tasks import Evaluation, get_task
+from fedpeft.tasks import Evaluation, Task, get_task
 from fedpeft.tasks.model import task_model
 from fedpeft.wire import from_record, to_record
 
 app = ServerApp()
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    cfg = RunConfig.from_run_config(context.run_config)
-    run_server(grid, cfg)
+@dataclass
+class ServerRun:
+    """What the server builds before round 1, built once (:func:`build_server_run`).
+
+    The launcher builds it before the engine starts (so a bad strategy, dataset or
+    checkpoint fails before Ray does) and hands it to the ServerApp in the same process
+    (:func:`hand_over`); a ServerApp that was handed nothing (a deployment's SuperLink)
+    builds it itself.  ``rng`` is the random state right after building, so that a run
+    built early goes on exactly as one built when the ServerApp starts.
+    """
+
+    cfg: RunConfig
+    run_dir: Path
+    task: Task
+    labels: tuple[str, ...]
+    model: FedModel
+    test_set: Any
+    checkpoint: Checkpoint | None
+    state: ServerState
+    rng: dict[str, Any]
+
+    @property
+    def done(self) -> int:
+        """Rounds already run (those of the checkpoint it resumes)."""
+        return self.checkpoint.round if self.checkpoint else 0
 
 
-def run_server(grid: Grid, cfg: RunConfig) -> Path:
-    """Run the whole federation (or, with ``resume``, the rounds after its checkpoint)."""
+def build_server_run(cfg: RunConfig) -> ServerRun:
+    """Seed, then build the task, the server's model and test set, the run folder, the
+    checkpoint (with ``resume``) and the strategy stack with its wrappers."""
     quiet_libraries()
     seed_everything(cfg.seed)
-    t0 = time.perf_counter()
     task = get_task(cfg)
     labels = task.label_names(cfg)
     model = task_model(cfg.for_server(), task)
@@ -54,7 +76,39 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     run_dir = run_dir_for(cfg)
     ckpt = Checkpoint.load(run_dir) if cfg.resume else None
     state: ServerState = ckpt.state["server"] if ckpt else ServerState.fresh(cfg)
-    done = ckpt.round if ckpt else 0
+    return ServerRun(cfg, run_dir, task, labels, model, test_set, ckpt, state, rng_state())
+
+
+_HANDED: list[ServerRun] = []  # at most one: the run the launcher built for this process's ServerApp
+
+
+def hand_over(built: ServerRun) -> None:
+    """Give ``built`` to the next ServerApp of this process that runs its config."""
+    _HANDED[:] = [built]
+
+
+def _taken(cfg: RunConfig) -> ServerRun | None:
+    built = _HANDED.pop() if _HANDED else None
+    return built if built is not None and built.cfg == cfg else None
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = RunConfig.from_run_config(context.run_config)
+    run_server(grid, cfg, _taken(cfg))
+
+
+def run_server(grid: Grid, cfg: RunConfig, built: ServerRun | None = None) -> Path:
+    """Run the whole federation (or, with ``resume``, the rounds after its checkpoint), from
+    ``built`` if the launcher built it, else built here."""
+    t0 = time.perf_counter()
+    if built is None:
+        built = build_server_run(cfg)
+    else:
+        quiet_libraries()
+        set_rng_state(built.rng)  # as if it had been built just now
+    task, model, test_set, run_dir = built.task, built.model, built.test_set, built.run_dir
+    ckpt, state, done = built.checkpoint, built.state, built.done
     writer = open_results(run_dir, cfg, done if ckpt else None)
 
     def evaluate_global(arrays: ArrayRecord) -> Evaluation:
@@ -111,7 +165,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     final = result.arrays if len(result.arrays) else initial
     model.load_exchange_state(from_record(final))
     writer.plot()
-    save_adapter(model, run_dir, labels, cfg)  # last: its presence marks a finished run
+    save_adapter(model, run_dir, built.labels, cfg)  # last: its presence marks a finished run
     print(f"fedpeft: done in {time.perf_counter() - t0:.1f} s; results in {run_dir}", flush=True)
     return run_dir
 

@@ -53,7 +53,7 @@ import tomllib
 
 from fedpeft.config import ConfigError, ConfigValue, RunConfig, with_defaults
 from fedpeft.files import atomic_write_text
-from fedpeft.running.launch import ENGINES, RayOptions, load_experiment, preflight, resolve_config, simulate
+from fedpeft.running.launch import ENGINES, RayOptions, check_run, load_experiment, resolve_config, simulate
 
 MANIFEST = "sweep.json"
 SWEEP_KEYS = ("name", "experiment", "results-dir", "engine", "jobs")
@@ -148,7 +148,7 @@ class Sweep:
             overrides = point.overrides | {"results-dir": str(self.folder), "run-name": point.name}
             try:
                 cfg, final = resolve_config(overrides)
-                preflight(cfg)
+                check_run(cfg)
             except (ConfigError, ValueError) as err:
                 raise ConfigError(f"sweep {self.name!r}, point {point.name!r}: {err}") from err
             resolved.append((point, cfg, final))

@@ -22,6 +22,7 @@ import copy
 import random
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import Context, Error, Message, RecordDict
@@ -41,6 +42,9 @@ from fedpeft.flower_compat import (
 from fedpeft.recovery.faults import simulated_time
 from fedpeft.runtime import derive_seed
 from strategies.grid import MessageGrid
+
+if TYPE_CHECKING:
+    from fedpeft.apps.server_app import ServerRun
 
 
 @contextlib.contextmanager
@@ -169,7 +173,9 @@ class DirectGrid(MessageGrid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def run_inprocess(cfg: RunConfig, run_config: Mapping[str, ConfigValue], client_threads: int) -> None:
+def run_inprocess(
+    cfg: RunConfig, run_config: Mapping[str, ConfigValue], client_threads: int, built: ServerRun | None = None
+) -> None:
     """The ServerApp's round loop over an in-process grid of ``num-clients`` nodes.
 
     ``run_config`` is the fused run config each node's Context carries (as Flower's engine
@@ -186,4 +192,4 @@ def run_inprocess(cfg: RunConfig, run_config: Mapping[str, ConfigValue], client_
         reply_timeout=cfg.round_timeout,
         client_threads=client_threads,
     )
-    run_server(grid, cfg)
+    run_server(grid, cfg, built)

@@ -21,13 +21,16 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomllib
 
 from fedpeft import flower_compat
 from fedpeft.config import ConfigError, ConfigValue, RunConfig
 from fedpeft.config import parse_set as parse_set  # the command line's --set, read in fedpeft.config
+
+if TYPE_CHECKING:
+    from fedpeft.apps.server_app import ServerRun
 
 APP_COMPONENTS = ("fedpeft.apps.server_app:app", "fedpeft.apps.client_app:app")
 #: ``ray``: Flower's simulation engine on Ray (what users run). ``inprocess``: the same
@@ -119,26 +122,50 @@ def resolve_config(
     return RunConfig.from_run_config(dict(fused) | final), final
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Resolve every registry entry and the dataset now, so errors come before Ray starts."""
+def check_run(cfg: RunConfig) -> None:
+    """Every check that building ``cfg``'s run makes, short of loading its model: the
+    registries, the strategy stack with its wrappers, the checkpoint, the data.  For
+    validating many runs before any starts (a sweep); a run itself is checked as it is
+    built, once (:func:`preflight`)."""
     from fedpeft.models import get_method
+    from fedpeft.recovery.checkpoint import Checkpoint
+    from fedpeft.results.records import run_dir_for
     from fedpeft.server.rejections import RejectionLog
     from fedpeft.server.stack import strategy_stack
-    from fedpeft.tasks import get_task
     from strategies import resolve_strategy
 
     get_method(cfg.peft.method)
-    if cfg.dp.mode in ("local", "both"):
-        from fedpeft.privacy.dpsgd import check_grad_sample_mode
-
-        check_grad_sample_mode(cfg.peft.method, cfg.dp.grad_sample_mode)
     resolve_strategy(cfg.strategy.name)
     strategy_stack(cfg, RejectionLog())  # builds every wrapper: their own checks run now
     if cfg.resume:  # a missing or damaged checkpoint fails here, not after Ray has started
-        from fedpeft.recovery.checkpoint import Checkpoint
-        from fedpeft.results.records import run_dir_for
-
         Checkpoint.load(run_dir_for(cfg))
+    _check_clients(cfg)
+
+
+def preflight(cfg: RunConfig) -> ServerRun:
+    """Build the run's server side now, so that every error comes before the engine starts:
+    the registries, the strategy stack and its wrappers, the checkpoint, the data.  The
+    launcher hands what it built to the ServerApp (:func:`fedpeft.apps.server_app.hand_over`),
+    which runs it rather than building it again."""
+    from fedpeft.apps.server_app import build_server_run
+    from fedpeft.models import get_method
+    from strategies import resolve_strategy
+
+    get_method(cfg.peft.method)  # the registries first: their errors are the quickest to give
+    resolve_strategy(cfg.strategy.name)
+    built = build_server_run(cfg)
+    _check_clients(cfg)
+    return built
+
+
+def _check_clients(cfg: RunConfig) -> None:
+    """What only the clients would find out: DP-SGD's mode for the method, the client data."""
+    from fedpeft.tasks import get_task
+
+    if cfg.dp.per_example():
+        from fedpeft.privacy.dpsgd import check_grad_sample_mode
+
+        check_grad_sample_mode(cfg.peft.method, cfg.dp.grad_sample_mode)
     task = get_task(cfg)
     if task.num_outputs(cfg) < 2:
         raise ConfigError(f"config key 'data.dataset': {cfg.data.dataset!r} has fewer than 2 classes")
@@ -203,17 +230,18 @@ def simulate(
     quiet_flower(ray.verbose)  # before preflight: building the strategy logs Flower's notes
     cfg, final = resolve_config(dict(overrides or {}))
     loopback_environment()
-    preflight(cfg)
+    built = preflight(cfg)
     if engine == "inprocess":
         from fedpeft.running.inprocess import run_inprocess
 
         fused = flower_compat.fused_run_config(app_dir(), final)
-        run_inprocess(cfg, fused, client_threads=max(1, int(ray.cpus_per_client)))
+        run_inprocess(cfg, fused, client_threads=max(1, int(ray.cpus_per_client)), built=built)
     else:
-        _run_engine(cfg, final, ray_backend_config(cfg, ray), ray.verbose)
-    from fedpeft.results.records import run_dir_for
+        from fedpeft.apps.server_app import hand_over
 
-    run_dir = run_dir_for(cfg)
+        hand_over(built)  # Flower's engine runs the ServerApp in this process, in a thread
+        _run_engine(cfg, final, ray_backend_config(cfg, ray), ray.verbose)
+    run_dir = built.run_dir
     if not (run_dir / "rounds.jsonl").is_file():
         raise RuntimeError(f"the simulation ended without writing results to {run_dir}; rerun with --verbose")
     return run_dir
