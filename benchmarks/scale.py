@@ -153,6 +153,7 @@ def measure(total: int, args: argparse.Namespace, results_dir: str) -> dict[str,
     env = dict(os.environ)
     env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rs", dir=env.get("RAY_TMPDIR"))
     env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    env.setdefault("RAY_worker_niceness", "0")  # workers at the driver's priority (launch.engine_environment)
     load_before = os.getloadavg()
     t = time.perf_counter()
     child = subprocess.Popen(cmd, env=env)

@@ -9,6 +9,9 @@ import pytest
 # Every test that starts Ray keeps it on loopback and quiet (see fedpeft.running.launch).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray workers at the suite's own priority, also where a test starts Ray itself (`flwr run`,
+# `ray start`): at Ray's default nice 15 they starve beside any busy process.
+os.environ.setdefault("RAY_worker_niceness", "0")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -203,9 +203,24 @@ def ray_backend_config(cfg: RunConfig, ray: RayOptions) -> dict[str, Any]:
     }
 
 
-def loopback_environment() -> None:
-    """Environment that keeps Ray and Flower local and quiet (see KNOWLEDGE: Ray binds *:port)."""
+#: Ray reads its config key ``worker_niceness`` from this variable (its spelling, not upper case).
+RAY_WORKER_NICENESS = "RAY_worker_niceness"
+
+
+def engine_environment() -> None:
+    """Environment that keeps Ray and Flower local, quiet, and at this process's priority.
+
+    Ray binds every interface unless told otherwise (KNOWLEDGE.md).  It also starts its
+    workers ``worker_niceness`` (15) nicer than itself, so that they yield to its own
+    daemons; beside any other normal-priority process they then get ~2% of a core and a
+    simulation starves (a suite run beside three busy processes sat in round 0).  The value
+    is added to the niceness the workers inherit, so 0 runs the clients at the driver's
+    own priority, as the user started it (``nice -n 10 fedpeft run ...`` stays at 10);
+    Ray's job manager sets the same for its drivers.  Set ``RAY_worker_niceness`` to keep
+    another value.
+    """
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault(RAY_WORKER_NICENESS, "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -229,7 +244,7 @@ def simulate(
     ray = ray or RayOptions()
     quiet_flower(ray.verbose)  # before preflight: building the strategy logs Flower's notes
     cfg, final = resolve_config(dict(overrides or {}))
-    loopback_environment()
+    engine_environment()
     built = preflight(cfg)
     if engine == "inprocess":
         from fedpeft.running.inprocess import run_inprocess

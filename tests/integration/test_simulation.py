@@ -1,6 +1,7 @@
 """Real Flower simulations on Ray, through our launcher (slow: ~1 min each)."""
 
 import ipaddress
+import os
 import re
 import sys
 import threading
@@ -23,13 +24,21 @@ pytestmark = pytest.mark.integration
 
 
 class ListenWatcher(threading.Thread):
-    """Samples every listening TCP socket of this machine while a simulation runs."""
+    """Samples every listening TCP socket of this machine while a simulation runs, and the
+    niceness of the Ray workers that run the clients."""
 
     def __init__(self):
         super().__init__(daemon=True)
         self.stop = threading.Event()
         self.before = self._listening()
         self.seen: set[tuple[str, int, int | None]] = set()
+        self.worker_niceness: set[int] = set()
+
+    @staticmethod
+    def _client_workers():
+        for proc in psutil.process_iter(["cmdline", "nice"]):
+            if any("ClientAppActor" in part for part in proc.info["cmdline"] or ()):
+                yield proc.info["nice"]
 
     @staticmethod
     def _listening():
@@ -40,6 +49,7 @@ class ListenWatcher(threading.Thread):
     def run(self):
         while not self.stop.is_set():
             self.seen |= self._listening()
+            self.worker_niceness |= set(self._client_workers())
             time.sleep(0.5)
 
 
@@ -111,6 +121,12 @@ def test_the_in_process_engine_gives_the_same_run_and_bytes_up_to_flowers_random
     a = load_file(str(ray_run[0] / "adapter" / "exchanged.safetensors"))
     b = load_file(str(run_dir / "adapter" / "exchanged.safetensors"))
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_ray_workers_run_at_the_drivers_priority(ray_run):
+    # Ray would start them at nice 15: beside any normal-priority process they starve.
+    watcher = ray_run[1]
+    assert watcher.worker_niceness == {os.nice(0)}, f"client workers at nice {watcher.worker_niceness}"
 
 
 def test_nothing_listened_beyond_loopback(ray_run):

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -5,7 +6,9 @@ import pytest
 from fedpeft.config import ConfigError, RunConfig
 from fedpeft.results.sweep import Sweep
 from fedpeft.running.launch import (
+    RAY_WORKER_NICENESS,
     RayOptions,
+    engine_environment,
     load_experiment,
     parse_set,
     preflight,
@@ -64,6 +67,15 @@ def test_preflight_names_bad_registry_entries():
         preflight(RunConfig.from_run_config({"peft.method": "adapterz"}))
     with pytest.raises(ValueError, match="strategy.name"):
         preflight(RunConfig.from_run_config({"strategy.name": "fedsgd"}))
+
+
+def test_ray_workers_get_the_drivers_priority_unless_the_user_says_otherwise(monkeypatch):
+    monkeypatch.delenv(RAY_WORKER_NICENESS, raising=False)
+    engine_environment()
+    assert os.environ[RAY_WORKER_NICENESS] == "0"  # added to the niceness they inherit
+    monkeypatch.setenv(RAY_WORKER_NICENESS, "5")
+    engine_environment()
+    assert os.environ[RAY_WORKER_NICENESS] == "5"
 
 
 def test_ray_resources_are_explicit_and_local_by_default():
