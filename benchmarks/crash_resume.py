@@ -81,10 +81,10 @@ def overrides(engine: str, setting: str) -> dict[str, Any]:
 
 
 def commands(engine: str, sets: dict[str, Any], run_dir: Path) -> tuple[list[str], list[str]]:
-    cli = [sys.executable, "-m", "fedpeft.cli", "run", "--engine", engine]
+    cli = [sys.executable, "-m", "fedpeft.cli", "run"]
     extra = ["--num-cpus", "2"] if engine == "ray" else []
-    start = [*cli, *(f"--set={k}={_toml(v)}" for k, v in sets.items()), *extra]
-    return start, [*cli, "--resume", str(run_dir), *extra]
+    start = [*cli, "--engine", engine, *(f"--set={k}={_toml(v)}" for k, v in sets.items()), *extra]
+    return start, [*cli, "--resume", str(run_dir), *extra]  # the engine the run started on
 
 
 def _toml(value: Any) -> str:

@@ -213,7 +213,7 @@ def measure_point(point: dict[str, Any], args: argparse.Namespace) -> dict[str, 
             result = train_local(model, data, train, seed=seed, task=task)
         else:  # one logical step at Poisson rate batch / n; the same draw for every mode
             plan = RoundPlan(1.0, batch / len(data), 1)
-            result = train_private(model, data, train, plan, cfg.dp, seed, loss=task.loss)
+            result = train_private(model, data, train, plan, cfg.dp, seed, task=task)
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - t0, result.num_examples

@@ -25,7 +25,8 @@ def _add_engine_options(cmd: argparse.ArgumentParser, *, engine_default: str | N
         "--engine",
         choices=("ray", "inprocess"),
         default=engine_default,
-        help="ray: Flower's simulation engine (default); inprocess: the same apps in this process, no Ray",
+        help="ray: Flower's simulation engine (default; --resume: the engine the run started on); "
+        "inprocess: the same apps in this process, no Ray",
     )
     cmd.add_argument("--ray-address", default=None, help="join an existing Ray cluster (e.g. 127.0.0.1:6379)")
     cmd.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per client (default 1)")
@@ -61,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="continue that run from its last complete round (its config.json; no experiment or --set)",
     )
-    _add_engine_options(run)
+    _add_engine_options(run, engine_default=None)
     sweep = sub.add_parser("sweep", help="run every point of a sweep file (skips finished points, resumes)")
     sweep.add_argument("sweep_file", metavar="SWEEP.toml", help="a sweep file (see fedpeft.results.sweep)")
     sweep.add_argument("--jobs", type=int, default=None, help="points at once (default: the file's, else 1)")

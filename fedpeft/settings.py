@@ -123,6 +123,8 @@ def check_value(key: str, fld: dataclasses.Field[Any], value: object) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
         value = float(value)
+    elif kind is str and isinstance(value, bool) and "true" in fld.metadata.get("choices", ()):
+        value = "true" if value else "false"  # a switch with more settings than on and off
     elif kind is str and not isinstance(value, str):
         raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
     meta = fld.metadata

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from fedpeft.models import FedModel
-from fedpeft.tasks.base import Batch, Examples, Task
+from fedpeft.tasks.base import Batch, Examples, Task, model_outputs
 from fedpeft.tasks.settings import TrainConfig
 
 
@@ -95,7 +95,7 @@ def train_local(
     for _ in range(cfg.local_epochs):
         order = torch.randperm(len(data), generator=gen)
         for inputs, targets in data.batches(order, cfg.batch_size, model.device):
-            loss = task.loss(module(**inputs).logits, targets)
+            loss = task.loss(*model_outputs(task, module, inputs, targets))
             objective = loss + proximal_term(params, anchor, proximal_mu) if anchor else loss
             optim.zero_grad(set_to_none=True)
             objective.backward()

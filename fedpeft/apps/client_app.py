@@ -154,7 +154,7 @@ def train(msg: Message, context: Context) -> Message:
     if _local_dp(cfg):
         plan = _plan(cfg, len(data))
         result = privacy.train_private(
-            model, data, cfg.train, plan, cfg.dp, seed, _proximal_mu(msg), loss=get_task(cfg).loss
+            model, data, cfg.train, plan, cfg.dp, seed, _proximal_mu(msg), task=get_task(cfg)
         )
         ledger = privacy.Ledger.from_columns(context.state.config_records.get(LEDGER_STATE))
         ledger.add(plan.noise_multiplier, plan.sample_rate, result.steps)

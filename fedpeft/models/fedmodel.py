@@ -34,6 +34,8 @@ from fedpeft.models.methods import (
     check_modality,
     get_method,
 )
+from fedpeft.models.output_layer import check_output_layer
+from fedpeft.models.settings import checkpoints_activations
 from fedpeft.models.vision import interpolate_always
 from fedpeft.runtime import resolve_device
 from fedpeft.settings import ConfigError
@@ -200,17 +202,20 @@ def build_model(
         base.config.use_cache = False
     if kind == "image-classification":
         interpolate_always(base)  # any model.image-size, for every ViT family
-    if cfg.model.gradient_checkpointing:
-        if not base.supports_gradient_checkpointing:
-            raise ConfigError(
-                f"config key 'model.gradient-checkpointing': {type(base).__name__} does not support it"
-            )
+    checkpointing = checkpoints_activations(cfg.model.gradient_checkpointing, kind, cfg.dp.per_example())
+    if checkpointing == "true" and base.supports_gradient_checkpointing:
         # Non-reentrant: gradients reach adapters inside checkpointed blocks even though
         # the frozen embeddings' outputs need none.
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.model.gradient_checkpointing == "true":
+        raise ConfigError(
+            f"config key 'model.gradient-checkpointing': {type(base).__name__} does not support it"
+        )
     torch.manual_seed(cfg.seed)  # adapter initialisation
     module = method.apply(base, cfg)
     module.to(dev)
+    if kind == "causal-lm":
+        check_output_layer(module)  # the output layer may then run on scored positions only
     params: dict[str, nn.Parameter] = {}
     for name, p in module.named_parameters():
         if p.requires_grad:
@@ -273,7 +278,12 @@ def _not_model_defaults() -> dict[str, Any]:
 
 def get_model(cfg: RunConfig, num_labels: int, kind: str = "sequence-classification") -> FedModel:
     """The per-process model for ``cfg`` (built on first use, then reused)."""
-    return _cached(model_key(cfg), num_labels, str(resolve_device(cfg.device)), kind)
+    key = model_key(cfg)
+    # The one model setting that depends on a field the key leaves out (dp): resolved.
+    checkpointing = checkpoints_activations(cfg.model.gradient_checkpointing, kind, cfg.dp.per_example())
+    resolved = {"model": dataclasses.replace(key.model, gradient_checkpointing=checkpointing)}
+    key = dataclasses.replace(key, **resolved)
+    return _cached(key, num_labels, str(resolve_device(cfg.device)), kind)
 
 
 def model_cache_info() -> functools._CacheInfo:

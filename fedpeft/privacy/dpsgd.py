@@ -44,7 +44,7 @@ from fedpeft.models.grad_sample import GradSampleError
 from fedpeft.privacy.accounting import PrivacyError, RoundPlan
 from fedpeft.privacy.settings import DPConfig
 from fedpeft.settings import ConfigError
-from fedpeft.tasks.base import Examples
+from fedpeft.tasks.base import Examples, Task, model_outputs
 from fedpeft.tasks.settings import TrainConfig
 from fedpeft.training import TrainResult, make_optimizer
 
@@ -96,12 +96,13 @@ def train_private(
     seed: int,
     proximal_mu: float = 0.0,
     *,
-    loss: LossFn,
+    task: Task,
 ) -> TrainResult:
     """``plan.steps`` DP-SGD steps (Poisson batches, clipped, noised) on the exchanged params.
 
-    ``loss(logits, targets)`` is the learning task's (:meth:`fedpeft.tasks.Task.loss`), mean
-    over the batch as Opacus' ``loss_reduction="mean"`` assumes.  ``plan.steps`` counts
+    The loss is the learning task's (:meth:`fedpeft.tasks.Task.loss` of its outputs,
+    :func:`fedpeft.tasks.base.model_outputs`), mean over the batch as Opacus'
+    ``loss_reduction="mean"`` assumes.  ``plan.steps`` counts
     logical batches (of expected size ``train.batch-size``), whatever
     ``dp.max-physical-batch-size`` splits them into.  The result's loss is the mean over
     the examples seen (Poisson batches vary in size; an empty one adds nothing).
@@ -116,8 +117,8 @@ def train_private(
     """
     mode = _Mode.of(model.method, dp.grad_sample_mode)
     torch.manual_seed(seed)
-    with _private_training(model, len(data), train, plan, dp, seed, mode, loss) as private:
-        return _dp_steps(model, data, private, plan.steps, _forward_params(model), proximal_mu)
+    with _private_training(model, len(data), train, plan, dp, seed, mode, task.loss) as private:
+        return _dp_steps(model, data, private, plan.steps, _forward_params(model), task, proximal_mu)
 
 
 @dataclass(frozen=True)
@@ -309,6 +310,7 @@ def _dp_steps(
     private: _Private,
     num_steps: int,
     accepted: set[str],
+    task: Task,
     proximal_mu: float = 0.0,
 ) -> TrainResult:
     """Train until ``num_steps`` logical steps are done; each loader item is a physical batch.
@@ -337,8 +339,10 @@ def _dp_steps(
                 _empty_batch(params, per_sample)
             else:
                 inputs, labels = next(iter(data.batches(order, rows, model.device)))
-                logits = dp_module(**_per_example_inputs(inputs, accepted)).logits
-                loss = private.loss(logits, labels)
+                outputs, targets = model_outputs(
+                    task, dp_module, _per_example_inputs(inputs, accepted), labels
+                )
+                loss = private.loss(outputs, targets)
                 loss.backward()
                 if not checked_samples:
                     _check_grad_samples(model, rows, per_sample)

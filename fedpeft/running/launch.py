@@ -15,6 +15,7 @@ runs first); a test runs this path.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -231,26 +232,32 @@ def simulate(
     overrides: Mapping[str, ConfigValue] | None = None,
     ray: RayOptions | None = None,
     *,
-    engine: str = "ray",
+    engine: str | None = None,
 ) -> Path:
     """Run one simulation to completion; returns its results folder.
 
-    ``engine`` is one of :data:`ENGINES`; both run the same ServerApp and ClientApp code
-    and write the same results folder.
+    ``engine`` is one of :data:`ENGINES` (None: "ray", or, resuming, the engine the run
+    started on, with its client threads: :data:`LAUNCH_FILE`); both run the same
+    ServerApp and ClientApp code and write the same results folder.
     """
     flower_compat.check_flower_version()
-    if engine not in ENGINES:
+    if engine is not None and engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r} (valid: {', '.join(ENGINES)})")
     ray = ray or RayOptions()
     quiet_flower(ray.verbose)  # before preflight: building the strategy logs Flower's notes
     cfg, final = resolve_config(dict(overrides or {}))
     engine_environment()
     built = preflight(cfg)
-    if engine == "inprocess":
+    launch = Launch(engine or "ray", max(1, int(ray.cpus_per_client)))
+    if cfg.resume:
+        launch = _resumed_launch(built.run_dir, engine, launch)
+    else:
+        launch.save(built.run_dir)
+    if launch.engine == "inprocess":
         from fedpeft.running.inprocess import run_inprocess
 
         fused = flower_compat.fused_run_config(app_dir(), final)
-        run_inprocess(cfg, fused, client_threads=max(1, int(ray.cpus_per_client)), built=built)
+        run_inprocess(cfg, fused, client_threads=launch.client_threads, built=built)
     else:
         from fedpeft.apps.server_app import hand_over
 
@@ -260,6 +267,51 @@ def simulate(
     if not (run_dir / "rounds.jsonl").is_file():
         raise RuntimeError(f"the simulation ended without writing results to {run_dir}; rerun with --verbose")
     return run_dir
+
+
+LAUNCH_FILE = "launch.json"  # in the results folder: how the run was started
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How a run was started, kept so that ``--resume`` continues it the same way: on the
+    in-process engine node ids come from the seed and clients compute with this many
+    threads, so a resumed run equals the run left alone to the byte; on Flower's Ray
+    engine node ids are drawn at random each start."""
+
+    engine: str
+    client_threads: int
+
+    def save(self, run_dir: Path) -> None:
+        import json
+
+        (run_dir / LAUNCH_FILE).write_text(json.dumps(dataclasses.asdict(self)) + "\n")
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Launch | None:
+        import json
+
+        path = run_dir / LAUNCH_FILE
+        if not path.is_file():
+            return None  # a run started before launches were recorded
+        saved = json.loads(path.read_text())
+        return cls(str(saved["engine"]), int(saved["client_threads"]))
+
+
+def _resumed_launch(run_dir: Path, asked: str | None, default: Launch) -> Launch:
+    """The launch a resumed run continues with: the run's own, unless ``asked`` names
+    another engine (then said, since node ids and message sizes may then differ)."""
+    started = Launch.load(run_dir)
+    if started is None:
+        return default
+    if asked is None or asked == started.engine:
+        return started
+    print(
+        f"fedpeft: note: the run started on the {started.engine} engine and resumes on {asked}: "
+        "node ids differ, so whole-message byte counts may differ from the run left alone",
+        flush=True,
+    )
+    return default
 
 
 def quiet_flower(verbose: bool) -> None:

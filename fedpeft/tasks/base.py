@@ -88,11 +88,30 @@ class Task(Protocol):
         ...
 
     # ------------------------------------------------------------------ objective
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The training loss of one batch, a scalar: the mean over its examples."""
+    # A task may also define ``forward(module, inputs, targets) -> (outputs, targets)``: what
+    # its loss reads on a batch, computed its own way (the causal LM scores response tokens
+    # only, :meth:`fedpeft.tasks.causal_lm.CausalLM.forward`).  Without one the outputs are
+    # the model's logits and the targets the batch's (:func:`model_outputs`).
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The training loss of one batch, a scalar: the mean over its examples.  Row i of
+        ``outputs`` and ``targets`` is example i, so DP-SGD gets each example's loss by
+        calling it on one row."""
         ...
 
     def evaluate(self, model: FedModel, data: Examples, batch_size: int) -> Evaluation:
         """Mean loss and the task's metrics (at least ``accuracy``, in [0, 1]: the round's
         headline figure) of ``model`` on ``data``."""
         ...
+
+
+def model_outputs(
+    task: Task, module: torch.nn.Module, inputs: dict[str, torch.Tensor], targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(outputs, targets) of a batch as ``task.loss`` reads them: the task's own ``forward``
+    where it defines one, else ``module``'s logits and the batch's targets."""
+    forward = getattr(task, "forward", None)
+    if forward is not None:
+        outputs, kept = forward(module, inputs, targets)
+        return outputs, kept
+    return module(**inputs).logits, targets

@@ -41,10 +41,12 @@ from fedpeft.data import column_values
 from fedpeft.data.instructions import load_instructions, messages_of
 from fedpeft.models import FedModel
 from fedpeft.models.backbone import load_tokenizer
+from fedpeft.models.methods import get_method
+from fedpeft.models.output_layer import hidden_before_output, plain_output_layer, token_nll
 from fedpeft.settings import ConfigError
 from fedpeft.tasks import splits
 from fedpeft.tasks.base import Evaluation, Examples
-from fedpeft.training import Encoded, forward_batches
+from fedpeft.training import Encoded
 
 # Client-side evaluation (fraction-evaluate > 0) answers at most this many of the client's prompts.
 _CLIENT_GENERATE = 16
@@ -101,45 +103,113 @@ class CausalLM:
                 stat["size"] = self.client_train_size(cfg, stat["partition_id"], cfg.num_clients)
         return stats
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean over the batch of each example's mean next-token loss on its response."""
-        nll, counted = _token_nll(*_next_token(logits, targets))
-        per_example = nll.sum(dim=1) / counted.sum(dim=1).clamp(min=1)
+    def forward(
+        self, module: torch.nn.Module, inputs: dict[str, torch.Tensor], targets: torch.Tensor
+    ) -> Scored:
+        """Each scored token's negative log-likelihood, row by row (:func:`score`): the
+        output layer runs on the response tokens only, never on the prompt."""
+        nll, _, kept = score(module, inputs, targets)
+        return nll, kept
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean over the batch of each example's mean loss on its response tokens
+        (``outputs``: per-token losses from :meth:`forward`, 0 where ``targets`` is IGNORE)."""
+        counted = targets != IGNORE
+        per_example = (outputs * counted).sum(dim=1) / counted.sum(dim=1).clamp(min=1)
         return per_example.mean()
 
     @torch.no_grad()
     def evaluate(self, model: FedModel, data: Examples, batch_size: int) -> Evaluation:
-        """Perplexity and token accuracy on the responses; exact match of greedy answers."""
-        nll_sum, tokens, correct = 0.0, 0, 0
-        for logits, targets in forward_batches(model, data, batch_size):
-            aligned, shifted = _next_token(logits, targets)
-            nll, counted = _token_nll(aligned, shifted)
-            nll_sum += float(nll.sum())
-            tokens += int(counted.sum())
-            correct += int(((aligned.argmax(dim=-1) == shifted) & counted).sum())
-        loss = nll_sum / max(tokens, 1)
-        metrics = {"perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / max(tokens, 1)}
+        """Perplexity and token accuracy on the responses; exact match of greedy answers.
+
+        The answered examples' references are scored on the key-value cache their greedy
+        answers were generated from (:func:`answer_and_score`): their prompts go through
+        the model once, not twice.
+        """
+        tally = _Tally()
+        model.module.eval()
+        first = 0
+        metrics: dict[str, float] = {}
         if isinstance(data, LMExamples) and data.prompts:
-            answers = generate(model.module, model.tokenizer, data.prompts, batch_size, data.max_new_tokens)
+            shared = _shares_prefill(model, data)
+            answers = []
+            for start in range(0, len(data.prompts), batch_size):
+                rows = range(start, min(start + batch_size, len(data.prompts)))
+                if shared:
+                    answers += answer_and_score(model, data, rows, tally)
+                else:
+                    answers += generate(
+                        model.module,
+                        model.tokenizer,
+                        data.prompts[rows.start : rows.stop],
+                        batch_size,
+                        data.max_new_tokens,
+                    )
+            first = len(data.prompts) if shared else 0
             hits = sum(normalize(a) == normalize(r) for a, r in zip(answers, data.answers, strict=True))
             metrics["exact_match"] = hits / len(answers)
+        for inputs, targets in data.batches(torch.arange(first, len(data)), batch_size, model.device):
+            tally.add(*score(model.module, inputs, targets))
+        loss = tally.nll / max(tally.tokens, 1)
+        metrics = {
+            "perplexity": math.exp(min(loss, 50.0)),
+            "token_accuracy": tally.correct / max(tally.tokens, 1),
+        } | metrics
         metrics["accuracy"] = metrics.get("exact_match", metrics["token_accuracy"])
         return Evaluation(loss, metrics)
 
 
-def _next_token(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, the tokens they predict), both ``[B, L-1, ...]``: position t predicts token
-    t+1.  Logits longer than the targets (a soft prompt prepended by prompt tuning) are
-    aligned on the right."""
-    return logits[:, -targets.shape[1] :][:, :-1], targets[:, 1:]
+@dataclass
+class _Tally:
+    """Sums over scored tokens: negative log-likelihood, count, greedy hits."""
+
+    nll: float = 0.0
+    tokens: int = 0
+    correct: int = 0
+
+    def add(self, nll: torch.Tensor, hits: torch.Tensor, targets: torch.Tensor) -> None:
+        counted = targets != IGNORE
+        self.nll += float((nll * counted).sum())
+        self.tokens += int(counted.sum())
+        self.correct += int((hits & counted).sum())
 
 
-def _token_nll(logits: torch.Tensor, shifted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token loss, mask of the tokens that count) of aligned logits (:func:`_next_token`)."""
-    logits = logits.float()
+# A batch's scored tokens, row by row: (per-token loss [B, K], targets [B, K], IGNORE-padded).
+Scored = tuple[torch.Tensor, torch.Tensor]
+
+
+def score(
+    module: torch.nn.Module, inputs: dict[str, torch.Tensor], targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-token loss, greedy hit, target) of every response token of a batch, ``[B, K]``
+    each: row b's scored tokens first, in order, then padding (loss 0, no hit, IGNORE).
+
+    Position t predicts token t+1.  Hidden states longer than the targets (a soft prompt
+    prepended by prompt tuning) are aligned on the right.  The output layer runs on the
+    scored positions only, a chunk at a time (:mod:`fedpeft.models.output_layer`); a model
+    whose logits are more than its output layer is scored from its full logits.
+    """
+    shifted = targets[:, 1:]
     counted = shifted != IGNORE
-    nll = F.cross_entropy(logits.transpose(1, 2), shifted.clamp(min=0), reduction="none")
-    return nll * counted, counted
+    head = plain_output_layer(module)
+    if head is None:
+        aligned = module(**inputs).logits[:, -targets.shape[1] :][:, :-1].float()
+        nll = F.cross_entropy(aligned.transpose(1, 2), shifted.clamp(min=0), reduction="none") * counted
+        return nll, (aligned.argmax(dim=-1) == shifted) & counted, shifted
+    with hidden_before_output(module, head) as seen:
+        module(**inputs)
+    hidden = seen[-1][:, -targets.shape[1] :][:, :-1]
+    rows, cols = counted.nonzero(as_tuple=True)
+    nll_flat, hit_flat = token_nll(hidden[rows, cols], head, shifted[rows, cols])
+    slots = (rows, (counted.cumsum(dim=1) - 1)[rows, cols])
+    width = int(counted.sum(dim=1).max()) if len(rows) else 0
+    size = (targets.shape[0], width)
+    nll = nll_flat.new_zeros(size).index_put(slots, nll_flat)
+    hits = torch.zeros(size, dtype=torch.bool, device=targets.device).index_put(slots, hit_flat)
+    kept = torch.full(size, IGNORE, dtype=targets.dtype, device=targets.device).index_put(
+        slots, shifted[rows, cols]
+    )
+    return nll, hits, kept
 
 
 # ---------------------------------------------------------------------- generation
@@ -159,32 +229,120 @@ def generate(
     max_new_tokens: int,
 ) -> list[str]:
     """Greedy answers of ``module`` (a causal LM, peft-wrapped or not) to ``prompts`` (token
-    ids), decoded without special tokens."""
-    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-    device = next(module.parameters()).device
-    module.eval()
+    ids), decoded without special tokens; generated with the key-value cache."""
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, prompt in enumerate(chunk):  # left padding: every answer starts at the same column
-            ids[row, width - len(prompt) :] = prompt
-            mask[row, width - len(prompt) :] = 1
-        with warnings.catch_warnings():
-            # peft's prompt learning drops the position ids generate passes, saying so each call.
-            warnings.filterwarnings("ignore", message="Position ids are not supported")
-            out = module.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        ids, mask = _left_padded(prompts[start : start + batch_size], _pad_id(tokenizer))
+        out = _greedy(module, tokenizer, ids, mask, max_new_tokens)
+        answers += tokenizer.batch_decode(out.sequences[:, ids.shape[1] :], skip_special_tokens=True)
     return answers
+
+
+def _shares_prefill(model: FedModel, data: LMExamples) -> bool:
+    """Whether the answered examples' references can be scored on their answers' cache:
+    one example per row, and a method that adds no virtual tokens to the cache."""
+    return data.position_ids is None and not get_method(model.method).row_tokens
+
+
+@torch.no_grad()
+def answer_and_score(model: FedModel, data: LMExamples, rows: range, tally: _Tally) -> list[str]:
+    """Greedy answers to the prompts of ``rows``, and their reference responses scored
+    (added to ``tally``) on the key-value cache the answers were generated from.
+
+    Generation runs the prompts through the model (left-padded, so every prompt ends in
+    the same column) and leaves their keys and values in the cache; cropped back to the
+    prompts less their last token, it scores the references by teacher forcing: the last
+    prompt token, then each reference token but the last, at the positions they hold in
+    the example.  Scoring the example rows again would run every prompt a second time:
+    for short answers, almost all of an evaluation's compute.
+    """
+    module, tokenizer, device = model.module, model.tokenizer, model.device
+    prompts = data.prompts[rows.start : rows.stop]
+    ids, mask = _left_padded(prompts, _pad_id(tokenizer))
+    out = _greedy(module, tokenizer, ids, mask, data.max_new_tokens)
+    answers = tokenizer.batch_decode(out.sequences[:, ids.shape[1] :], skip_special_tokens=True)
+    width = ids.shape[1]
+    responses = [data.input_ids[r][data.labels[r] != IGNORE] for r in rows]
+    longest = max(len(x) for x in responses)
+    # Inputs: the last prompt token, then the reference but its last token; targets: the reference.
+    inputs = torch.full((len(rows), longest), _pad_id(tokenizer), dtype=torch.long)
+    targets = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
+    typed = torch.zeros((len(rows), longest), dtype=torch.long)
+    for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        n = len(response)
+        inputs[row, 0] = prompt[-1]
+        inputs[row, 1:n] = response[:-1]
+        targets[row, :n] = response
+        typed[row, :n] = 1
+    lengths = torch.tensor([len(p) for p in prompts])
+    positions = lengths.unsqueeze(1) - 1 + torch.arange(longest)
+    cache = out.past_key_values
+    head = plain_output_layer(module)
+    if head is None or not _full_attention_cache(cache):  # a sliding window cannot be rolled back
+        batch = data.batches(torch.tensor(list(rows)), len(rows), device)
+        tally.add(*score(module, *next(batch)))
+        return answers
+    cache.crop(width - 1 - cache.get_seq_length())  # back to the prompts less their last token
+    with hidden_before_output(module, head) as seen:
+        module(
+            input_ids=inputs.to(device),
+            attention_mask=torch.cat([mask[:, :-1], typed], dim=1).to(device),
+            position_ids=positions.to(device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+    counted = targets != IGNORE
+    nll, hits = token_nll(seen[-1][counted.to(device)], head, targets[counted].to(device))
+    tally.add(nll, hits, targets[counted].to(device))
+    return answers
+
+
+def _full_attention_cache(cache: Any) -> bool:
+    """Whether every layer of a generation cache keeps every position (crop rolls it back)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None) or []
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+
+def _left_padded(prompts: Sequence[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of ``prompts`` left-padded: every answer starts in the same column."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+def _greedy(
+    module: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    max_new_tokens: int,
+) -> Any:
+    """``module.generate``'s greedy output (sequences and the key-value cache)."""
+    device = next(module.parameters()).device
+    module.eval()
+    with warnings.catch_warnings():
+        # peft's prompt learning drops the position ids generate passes, saying so each call.
+        warnings.filterwarnings("ignore", message="Position ids are not supported")
+        return module.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            return_dict_in_generate=True,
+            pad_token_id=_pad_id(tokenizer),
+            eos_token_id=tokenizer.eos_token_id,
+        )
 
 
 # ---------------------------------------------------------------------- formatting

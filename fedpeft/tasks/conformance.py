@@ -14,7 +14,7 @@ import torch
 
 from fedpeft.config import RunConfig
 from fedpeft.models import FedModel, build_model
-from fedpeft.tasks.base import Examples, Task
+from fedpeft.tasks.base import Examples, Task, model_outputs
 from fedpeft.tasks.settings import TrainConfig
 from fedpeft.training import train_local
 
@@ -92,7 +92,7 @@ def _check_batches(data: Examples, device: torch.device, batch_size: int) -> Non
 def _check_loss(task: Task, model: FedModel, train: Examples, batch_size: int) -> None:
     inputs, targets = _first(train, model, batch_size)
     model.module.train()
-    loss = task.loss(model.module(**inputs).logits, targets)
+    loss = task.loss(*model_outputs(task, model.module, inputs, targets))
     _expect(loss.dim() == 0 and bool(torch.isfinite(loss)), f"the loss is not a finite scalar: {loss}")
     loss.backward()
     reached = [k for k, p in model.params.items() if p.grad is not None and bool(p.grad.abs().sum() > 0)]

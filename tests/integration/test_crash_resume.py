@@ -38,8 +38,9 @@ EVERYTHING = {
 
 
 def _commands(sets, run_dir):
-    cli = [sys.executable, "-m", "fedpeft.cli", "run", "--engine", "inprocess"]
-    return [*cli, *(f"--set={k}={v}" for k, v in sets.items())], [*cli, "--resume", str(run_dir)]
+    cli = [sys.executable, "-m", "fedpeft.cli", "run"]
+    start = [*cli, "--engine", "inprocess", *(f"--set={k}={v}" for k, v in sets.items())]
+    return start, [*cli, "--resume", str(run_dir)]  # as a user resumes: on the engine the run started on
 
 
 def test_killed_anywhere_and_resumed_equals_the_run_left_alone(tmp_path):

@@ -7,7 +7,9 @@ from fedpeft.config import ConfigError, RunConfig
 from fedpeft.results.sweep import Sweep
 from fedpeft.running.launch import (
     RAY_WORKER_NICENESS,
+    Launch,
     RayOptions,
+    _resumed_launch,
     engine_environment,
     load_experiment,
     parse_set,
@@ -76,6 +78,18 @@ def test_ray_workers_get_the_drivers_priority_unless_the_user_says_otherwise(mon
     monkeypatch.setenv(RAY_WORKER_NICENESS, "5")
     engine_environment()
     assert os.environ[RAY_WORKER_NICENESS] == "5"
+
+
+def test_a_resumed_run_continues_on_the_engine_and_threads_it_started_with(tmp_path, capsys):
+    default = Launch("ray", 1)
+    assert _resumed_launch(tmp_path, None, default) == default  # a run from before launches were kept
+    Launch("inprocess", 2).save(tmp_path)
+    assert Launch.load(tmp_path) == Launch("inprocess", 2)
+    assert _resumed_launch(tmp_path, None, default) == Launch("inprocess", 2)
+    assert _resumed_launch(tmp_path, "inprocess", Launch("inprocess", 1)) == Launch("inprocess", 2)
+    assert capsys.readouterr().out == ""
+    assert _resumed_launch(tmp_path, "ray", default) == default  # asked for: honoured, and said
+    assert "started on the inprocess engine and resumes on ray" in capsys.readouterr().out
 
 
 def test_ray_resources_are_explicit_and_local_by_default():

@@ -52,7 +52,7 @@ def test_method_trains_privately_and_exchanges_its_tensors(method):
     train = TrainConfig(batch_size=4, max_steps=1)
     plan = privacy.plan_round(cfg.dp, train, len(data), 1)
     # train_private's guards: every exchanged tensor gets a per-example gradient and moves.
-    result = privacy.train_private(model, data, train, plan, cfg.dp, seed=0, loss=TASK.loss)
+    result = privacy.train_private(model, data, train, plan, cfg.dp, seed=0, task=TASK)
     assert result.steps == 1
     moved = model.exchange_state()
     model.load_exchange_state(state)

@@ -195,7 +195,7 @@ def test_a_private_round_passes_the_guards_and_trains(modality, method, model, d
     frozen, before = _frozen(model), model.exchange_state()
     plan = privacy.RoundPlan(noise_multiplier=1.0, sample_rate=4 / len(data), steps=2)
     result = privacy.train_private(
-        model, data, base_cfg.train, plan, base_cfg.dp, seed=0, loss=build_task(base_cfg.task.name).loss
+        model, data, base_cfg.train, plan, base_cfg.dp, seed=0, task=build_task(base_cfg.task.name)
     )
     assert result.steps == 2
     _assert_unchanged(model, frozen)
@@ -214,16 +214,16 @@ def test_ghost_clipping_in_physical_batches_trains_the_method_or_is_refused_by_n
     """Ghost clipping (per-sample norms only: where methods break, e.g. peft's expanded
     prefix ids) in physical batches of 2, or a refusal naming the modes the method can use
     (every mode on LoRA: tests/unit/privacy/test_dpsgd.py)."""
-    loss = build_task(base_cfg.task.name).loss
+    task = build_task(base_cfg.task.name)
     plan = privacy.RoundPlan(noise_multiplier=1.0, sample_rate=4 / len(data), steps=1)
     dp = dataclasses.replace(base_cfg.dp, grad_sample_mode="ghost", max_physical_batch_size=2)
     working = dpsgd.grad_sample_modes(method)
     if "ghost" not in working:
         with pytest.raises(privacy.PrivacyError, match=f"valid for '{method}': {', '.join(working)}"):
-            privacy.train_private(model, data, base_cfg.train, plan, dp, seed=0, loss=loss)
+            privacy.train_private(model, data, base_cfg.train, plan, dp, seed=0, task=task)
         return
     before = model.exchange_state()
-    result = privacy.train_private(model, data, base_cfg.train, plan, dp, seed=0, loss=loss)
+    result = privacy.train_private(model, data, base_cfg.train, plan, dp, seed=0, task=task)
     after = model.exchange_state()
     assert result.steps == 1
     assert all(not np.array_equal(before[k], after[k]) for k in before)

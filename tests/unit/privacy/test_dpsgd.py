@@ -39,7 +39,7 @@ def test_private_training_moves_the_adapter_and_can_repeat_on_the_cached_model(l
     names = [n for n, _ in model.module.named_parameters()]
     for seed in range(3):  # the same module is wrapped and unwrapped again: no "hooks twice"
         before = model.exchange_state()
-        result = dpsgd.train_private(model, data, cfg.train, plan, cfg.dp, seed, loss=get_task(cfg).loss)
+        result = dpsgd.train_private(model, data, cfg.train, plan, cfg.dp, seed, task=get_task(cfg))
         after = model.exchange_state()
         assert result.steps == 3
         assert all(not np.array_equal(before[k], after[k]) for k in before)  # every exchanged tensor moved
@@ -54,9 +54,7 @@ def test_fedprox_under_dp_pulls_towards_the_global_tensors(lora):
 
     def distance(mu: float) -> float:
         model.load_exchange_state(init)
-        dpsgd.train_private(
-            model, data, cfg.train, plan, cfg.dp, seed=3, proximal_mu=mu, loss=get_task(cfg).loss
-        )
+        dpsgd.train_private(model, data, cfg.train, plan, cfg.dp, seed=3, proximal_mu=mu, task=get_task(cfg))
         after = model.exchange_state()
         return float(sum(np.sum((after[k] - init[k]) ** 2) for k in init))
 
@@ -109,7 +107,7 @@ def test_full_fine_tuning_under_dp_gets_per_example_embedding_gradients():
         plain = model.module(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         assert torch.equal(plain, model.module(**inputs).logits)  # the forward pass is unchanged
     result = dpsgd.train_private(
-        model, data, cfg.train, RoundPlan(1.0, 0.2, 2), cfg.dp, 0, loss=get_task(cfg).loss
+        model, data, cfg.train, RoundPlan(1.0, 0.2, 2), cfg.dp, 0, task=get_task(cfg)
     )
     assert result.steps == 2
 
@@ -135,9 +133,7 @@ def test_every_grad_sample_mode_trains_lora_privately(lora, mode, physical):
     cfg, model, data = lora
     before = model.exchange_state()
     dp = _dp(cfg, grad_sample_mode=mode, max_physical_batch_size=physical)
-    result = dpsgd.train_private(
-        model, data, cfg.train, RoundPlan(1.0, 0.2, 2), dp, 0, loss=get_task(cfg).loss
-    )
+    result = dpsgd.train_private(model, data, cfg.train, RoundPlan(1.0, 0.2, 2), dp, 0, task=get_task(cfg))
     after = model.exchange_state()
     assert result.steps == 2 and result.num_examples > 0 and np.isfinite(result.loss)
     assert all(not np.array_equal(before[k], after[k]) for k in before)  # noise reaches every tensor
@@ -180,7 +176,7 @@ def _run(still, plan: RoundPlan, seed: int = 5, **dp_changes):
     model.load_exchange_state(init)
     with _counted(model) as (rows, stepped):
         result = dpsgd.train_private(
-            model, data, cfg.train, plan, _dp(cfg, **dp_changes), seed, loss=get_task(cfg).loss
+            model, data, cfg.train, plan, _dp(cfg, **dp_changes), seed, task=get_task(cfg)
         )
     return model.exchange_state(), result, stepped, rows
 
@@ -227,7 +223,7 @@ def test_empty_poisson_batches_step_in_every_mode_and_with_physical_batches(lora
     for physical in (0, 1):
         dp = _dp(cfg, grad_sample_mode=mode, max_physical_batch_size=physical)
         with _counted(model) as (rows, _):
-            result = dpsgd.train_private(model, tiny, train, plan, dp, seed=1, loss=get_task(cfg).loss)
+            result = dpsgd.train_private(model, tiny, train, plan, dp, seed=1, task=get_task(cfg))
         runs.append((result, rows))
     (whole, rows_whole), (split, rows_split) = runs
     assert whole.steps == split.steps == 6
@@ -244,7 +240,7 @@ def test_prefix_tuning_trains_under_ghost_clipping():
     before = model.exchange_state()
     dp = _dp(cfg, grad_sample_mode="ghost", max_physical_batch_size=3)
     data = task.client_train_set(cfg, 0, 3)
-    result = dpsgd.train_private(model, data, cfg.train, RoundPlan(1.0, 0.2, 1), dp, 0, loss=task.loss)
+    result = dpsgd.train_private(model, data, cfg.train, RoundPlan(1.0, 0.2, 1), dp, 0, task=task)
     after = model.exchange_state()
     assert result.steps == 1 and all(not np.array_equal(before[k], after[k]) for k in before)
     assert _unwrapped(model)
@@ -253,7 +249,8 @@ def test_prefix_tuning_trains_under_ghost_clipping():
 def test_ghost_criterion_gives_each_examples_loss():
     for name, logits, targets in (
         ("sequence-classification", torch.randn(4, 5), torch.tensor([0, 3, 1, 4])),
-        ("causal-lm", torch.randn(3, 6, 11), torch.tensor([[-100] * 3 + [1, 2, 3], [-100] * 6, [4] * 6])),
+        # The causal LM's outputs are its per-token losses (CausalLM.forward), not logits.
+        ("causal-lm", torch.rand(3, 6), torch.tensor([[-100] * 3 + [1, 2, 3], [-100] * 6, [4] * 6])),
     ):
         loss = build_task(name).loss
         criterion = dpsgd.TaskCriterion(loss)
@@ -291,7 +288,7 @@ def test_a_layer_that_mixes_examples_is_caught_in_every_mode(mixing, mode):
             RoundPlan(1.0, 0.2, 2),
             _dp(cfg, grad_sample_mode=mode),
             0,
-            loss=get_task(cfg).loss,
+            task=get_task(cfg),
         )
     assert _unwrapped(model)
 
@@ -311,7 +308,7 @@ def test_a_method_with_its_own_per_sample_gradients_refuses_ghost_naming_the_mod
     model = build_model(cfg, task.num_outputs(cfg))
     data = task.client_train_set(cfg, 0, 3)
     with pytest.raises(PrivacyError, match=expected):  # and where a run is started otherwise
-        dpsgd.train_private(model, data, cfg.train, RoundPlan(1.0, 0.2, 1), cfg.dp, 0, loss=task.loss)
+        dpsgd.train_private(model, data, cfg.train, RoundPlan(1.0, 0.2, 1), cfg.dp, 0, task=task)
     assert dpsgd.grad_sample_modes("ia3") == ("hooks", "functorch")
     result = dpsgd.train_private(  # a mode it names does train it
         model,
@@ -320,7 +317,7 @@ def test_a_method_with_its_own_per_sample_gradients_refuses_ghost_naming_the_mod
         RoundPlan(1.0, 0.2, 1),
         _dp(cfg, grad_sample_mode="functorch"),
         0,
-        loss=task.loss,
+        task=task,
     )
     assert result.steps == 1
 

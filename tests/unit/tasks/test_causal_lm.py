@@ -10,14 +10,18 @@ import torch
 
 from fedpeft.config import ConfigError, RunConfig
 from fedpeft.data.instructions import user_prompt
+from fedpeft.models import output_layer
 from fedpeft.models.backbone import load_tokenizer
 from fedpeft.tasks import build_task
 from fedpeft.tasks.causal_lm import (
     IGNORE,
+    _Tally,
+    answer_and_score,
     encode_examples,
     format_examples,
     generate,
     normalize,
+    score,
 )
 from fedpeft.tasks.model import task_model
 from fedpeft.tasks.settings import TrainConfig
@@ -87,15 +91,93 @@ def test_loss_is_the_mean_of_per_example_response_losses(cfg):
     data = TASK.client_train_set(cfg, 0, cfg.num_clients)
     (inputs, targets), *_ = data.batches(torch.arange(2), 2, model.device)
     with torch.no_grad():
-        logits = model.module(**inputs).logits
-        both = TASK.loss(logits, targets)
-        each = [TASK.loss(logits[i : i + 1], targets[i : i + 1]) for i in range(2)]
+        outputs, kept = TASK.forward(model.module, inputs, targets)
+        both = TASK.loss(outputs, kept)
+        each = [TASK.loss(outputs[i : i + 1], kept[i : i + 1]) for i in range(2)]
         # Changing a prompt token's target changes nothing: the prompt takes no loss.
         other = targets.clone()
         first_prompt = int((targets[0] == IGNORE).nonzero()[0])
         other[0, first_prompt] = IGNORE
-        assert TASK.loss(logits, other) == both
+        assert torch.equal(TASK.loss(*TASK.forward(model.module, inputs, other)), both)
     assert math.isclose(float(both), float(sum(each)) / 2, rel_tol=1e-5)
+
+
+def _full_logits_loss(module, inputs, targets):
+    """The loss from the model's logits at every position (what scoring avoids)."""
+    logits = module(**inputs).logits[:, :-1].float()
+    shifted = targets[:, 1:]
+    # Rows of logits, not the class dimension transposed: PyTorch's CPU kernel for the
+    # latter is off by up to 2e-4 nats per token on SmolLM2's 49,152 classes.
+    flat = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), shifted.clamp(min=0).reshape(-1), reduction="none"
+    )
+    nll = flat.reshape(shifted.shape)
+    counted = shifted != IGNORE
+    return ((nll * counted).sum(1) / counted.sum(1)).mean(), logits.argmax(-1)[counted] == shifted[counted]
+
+
+def test_response_only_scoring_equals_the_full_logits_loss_and_its_gradients(cfg):
+    """The output layer on the response tokens only, chunked: the same loss, the same
+    greedy hits and the same gradients as cross-entropy over the full logits."""
+    model = task_model(cfg, TASK)
+    data = TASK.client_train_set(cfg, 0, cfg.num_clients)
+    (inputs, targets), *_ = data.batches(torch.arange(4), 4, model.device)
+    model.module.train()
+    params = list(model.params.values())
+    torch.manual_seed(0)  # the same dropout masks in both passes
+    full, full_hits = _full_logits_loss(model.module, inputs, targets)
+    full_grads = torch.autograd.grad(full, params)
+    torch.manual_seed(0)
+    outputs, kept = TASK.forward(model.module, inputs, targets)
+    scored = TASK.loss(outputs, kept)
+    grads = torch.autograd.grad(scored, params)
+    model.module.eval()
+    assert kept.shape[1] == int((targets != IGNORE).sum(1).max())  # response tokens only, not the row
+    assert math.isclose(float(scored), float(full), rel_tol=1e-5)
+    for a, b in zip(grads, full_grads, strict=True):  # float32 sums in another order: 1e-4 of the norm
+        assert float((a - b).norm()) <= 1e-4 * float(b.norm())
+    _, hits, kept = score(model.module, inputs, targets)
+    assert torch.equal(hits[kept != IGNORE], full_hits)
+
+
+@pytest.mark.parametrize("trained_layer", [False, True])
+def test_chunked_output_layer_matches_plain_cross_entropy(monkeypatch, trained_layer):
+    """Chunks of 3 rows (frozen layer: gradient precomputed in forward; trained layer:
+    recomputed in backward), checked in float64 against F.linear + cross-entropy."""
+    monkeypatch.setattr(output_layer, "CHUNK_BYTES", 3 * 4 * 11)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(5, 11, dtype=torch.float64).requires_grad_(trained_layer)
+    hidden = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (8,))
+    weights = torch.rand(8, dtype=torch.float64)  # any use of the per-token losses downstream
+    nll, hits = output_layer.token_nll(hidden, head, targets)
+    logits = head(hidden)
+    plain = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    torch.testing.assert_close(nll.double(), plain, rtol=1e-6, atol=1e-6)
+    assert torch.equal(hits, logits.argmax(-1) == targets)
+    inputs = [hidden, *([head.weight, head.bias] if trained_layer else [])]
+    got = torch.autograd.grad((nll.double() * weights).sum(), inputs)
+    want = torch.autograd.grad((plain * weights).sum(), inputs)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_whose_logits_are_more_than_its_output_layer_is_scored_from_its_logits():
+    """Gemma 2 soft-caps its logits after the output layer: the check refuses its layer,
+    and scoring falls back to the full logits (a tiny random Gemma 2, no weights needed)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(config)
+    assert not output_layer.check_output_layer(model)
+    assert output_layer.plain_output_layer(model) is None
+    model.config.final_logit_softcapping = None
+    assert output_layer.check_output_layer(model)
+    assert output_layer.plain_output_layer(model) is model.lm_head
 
 
 def test_packed_rows_score_each_example_as_if_alone(cfg, tokenizer):
@@ -149,6 +231,38 @@ def test_batched_left_padded_generation_answers_as_one_by_one(cfg, tokenizer):
     together = generate(model.module, tokenizer, prompts, 2, 6)
     assert together == [generate(model.module, tokenizer, [p], 1, 6)[0] for p in prompts]
     assert all(isinstance(a, str) and a for a in together)
+
+
+def test_generation_reuses_keys_and_values(cfg, tokenizer):
+    """After the prompt, every generation step feeds the model one new token (the cache
+    holds the rest)."""
+    model = task_model(cfg, TASK)
+    (example,) = format_examples(tokenizer, [user_prompt("Name a colour.")], ["Blue."], 64, chat=True)
+    widths: list[int] = []
+    embed = model.module.get_input_embeddings()
+    handle = embed.register_forward_hook(lambda _m, args, _o: widths.append(args[0].shape[1]))
+    try:
+        generate(model.module, tokenizer, [torch.tensor(example.prompt)], 1, 5)
+    finally:
+        handle.remove()
+    assert widths[0] == len(example.prompt) and len(widths) > 1 and set(widths[1:]) == {1}
+
+
+def test_answered_examples_are_scored_on_their_answers_cache(cfg):
+    """Scoring the references on the cache of the greedy answers gives the loss and hits
+    that scoring the example rows gives, and the answers generate() gives."""
+    model = task_model(cfg, TASK)
+    test = TASK.server_test_set(cfg)
+    rows = range(len(test.prompts))
+    shared = _Tally()
+    answers = answer_and_score(model, test, rows, shared)
+    alone = _Tally()
+    for inputs, targets in test.batches(torch.tensor(list(rows)), len(rows), model.device):
+        with torch.no_grad():
+            alone.add(*score(model.module, inputs, targets))
+    assert shared.tokens == alone.tokens and shared.correct == alone.correct
+    assert math.isclose(shared.nll, alone.nll, rel_tol=1e-5)
+    assert answers == generate(model.module, model.tokenizer, test.prompts, 2, test.max_new_tokens)
 
 
 @pytest.mark.parametrize(
