@@ -66,6 +66,13 @@ class RunConfig(Section):
     # A round with fewer usable replies than this keeps the global model as it was.
     min_replies: int = field(default=1, metadata=value_range(1))
     fraction_evaluate: float = field(default=0.0, metadata=value_range(0.0, 1.0))
+    # The server evaluates the global model in round 0, every evaluate-every-th round and
+    # the last; the rounds between are recorded as not evaluated (accuracy null).
+    evaluate_every: int = field(default=1, metadata=value_range(1))
+    # Evaluations before the last use only the first evaluate-examples test examples (the
+    # test split is in a seeded shuffled order: a fixed random subsample); 0 = all.  The
+    # last round always uses the whole test split.  Each record says how many it used.
+    evaluate_examples: int = field(default=0, metadata=value_range(0))
     round_timeout: float = field(default=3600.0, metadata=value_range(0.0, lo_open=True))
     # "auto" picks cuda > mps > cpu; or name one ("cpu", "cuda", "cuda:1", "mps").
     device: str = "auto"

@@ -10,9 +10,11 @@ and the in-process baseline of ``benchmarks/simulation_overhead``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Self
 
 import torch
 
@@ -37,6 +39,17 @@ class Encoded:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def head(self, count: int) -> Self:
+        """The first ``count`` rows (:func:`fedpeft.tasks.base.first_examples`)."""
+        rows = slice(0, count)
+        return dataclasses.replace(
+            self,
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            labels=self.labels[rows],
+            position_ids=None if self.position_ids is None else self.position_ids[rows],
+        )
 
     def batches(self, order: torch.Tensor, batch_size: int, device: torch.device) -> Iterator[Batch]:
         """The rows ``order`` in batches, each trimmed to its own longest row (dynamic padding)."""

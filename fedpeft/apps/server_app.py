@@ -31,6 +31,7 @@ from fedpeft.server.recorder import RoundRecorder
 from fedpeft.server.resume import RoundOffset, remap_nodes
 from fedpeft.server.stack import ServerState
 from fedpeft.tasks import Evaluation, Task, get_task
+from fedpeft.tasks.base import first_examples
 from fedpeft.tasks.model import task_model
 from fedpeft.wire import from_record, to_record
 
@@ -111,9 +112,12 @@ def run_server(grid: Grid, cfg: RunConfig, built: ServerRun | None = None) -> Pa
     ckpt, state, done = built.checkpoint, built.state, built.done
     writer = open_results(run_dir, cfg, done if ckpt else None)
 
-    def evaluate_global(arrays: ArrayRecord) -> Evaluation:
+    subsample = first_examples(test_set, cfg.evaluate_examples)
+
+    def evaluate_global(arrays: ArrayRecord, whole: bool) -> tuple[Evaluation, int]:
         model.load_exchange_state(from_record(arrays))
-        return task.evaluate(model, test_set, cfg.train.eval_batch_size)
+        data = test_set if whole else subsample
+        return task.evaluate(model, data, cfg.train.eval_batch_size), len(data)
 
     metered = MeteredGrid(grid)
     partition_of: dict[int, int] = {}
@@ -134,6 +138,7 @@ def run_server(grid: Grid, cfg: RunConfig, built: ServerRun | None = None) -> Pa
         seed=cfg.seed,
         num_rounds=cfg.num_rounds,
         partition_of=partition_of,
+        every=cfg.evaluate_every,
         rejections=state.rejections,
         figures=round_figures(
             privacy_figures(cfg, state.budget, partition_of),

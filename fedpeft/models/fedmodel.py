@@ -248,6 +248,8 @@ _NOT_MODEL_FIELDS = frozenset(
         "min_train_clients",
         "min_replies",
         "fraction_evaluate",
+        "evaluate_every",
+        "evaluate_examples",
         "round_timeout",
         "device",
         "results_dir",

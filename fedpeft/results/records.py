@@ -107,6 +107,7 @@ ROUNDS_CSV_COLUMNS: tuple[str, ...] = (
     "time_split",  # seconds by part of the round: a JSON object
     "metrics",  # the task's metrics besides accuracy (perplexity, exact match, ...): a JSON object
     "strategy_metrics",  # a JSON object per row
+    "evaluated_on",
 )
 
 
@@ -170,6 +171,10 @@ class RoundRecord:
     # What the strategy stack returned from aggregation this round ("train.<key>" from
     # aggregate_train, "evaluate.<key>" from aggregate_evaluate), a user's strategy included.
     strategy_metrics: dict[str, Any] = field(default_factory=dict)
+    # How many of the server's test examples the round's figures come from: the whole test
+    # split, the evaluate-examples subsample, or 0 for a round not evaluated (evaluate-every:
+    # accuracy and loss are then null).  None in folders written before it was recorded.
+    evaluated_on: int | None = None
 
     @property
     def bytes_up(self) -> int:
@@ -227,6 +232,24 @@ class RoundRecord:
         return cls(**kwargs)
 
 
+#: How the parts of a round's time split (RoundRecord.time_split) add up to what a
+#: report shows: training, the server's own work (with codec decoding), evaluation.
+TIME_PARTS = {
+    "clients-train": "train",
+    "server": "server",
+    "server-evaluate": "evaluate",
+    "clients-evaluate": "evaluate",
+}
+
+
+def round_time_parts(record: dict[str, Any]) -> dict[str, float]:
+    """One round's seconds as (train, server, evaluate); an unknown part counts as the server's."""
+    parts = dict.fromkeys(("train", "server", "evaluate"), 0.0)
+    for name, seconds in (record.get("time_split") or {}).items():
+        parts[TIME_PARTS.get(name, "server")] += float(seconds)
+    return parts
+
+
 def mean_train_loss(clients: Iterable[ClientRecord]) -> float | None:
     """Example-weighted mean local training loss over the clients that replied.
 
@@ -263,9 +286,9 @@ def format_round_line(rec: RoundRecord, num_rounds: int) -> str:
     10 ok 0 failed | 12.3 s`` (on one line).
     """
     width = max(2, len(str(num_rounds)))
+    evaluated = f"{_headline(rec)} | loss {rec.loss:.4f}" if rec.evaluated_on != 0 else "not evaluated"
     return (
-        f"round {rec.round:>{width}}/{num_rounds} | {_headline(rec)} | "
-        f"loss {rec.loss:.4f} | up {human_bytes(rec.bytes_up)} | "
+        f"round {rec.round:>{width}}/{num_rounds} | {evaluated} | up {human_bytes(rec.bytes_up)} | "
         f"down {human_bytes(rec.bytes_down)} | "
         f"{rec.num_replied} ok {rec.num_failed} failed | {rec.wall_seconds:.1f} s"
     )
@@ -494,11 +517,13 @@ class ResultsWriter:
         down_mb = [r.cum_bytes_down / 1e6 for r in recs]
         total_mb = [u + d for u, d in zip(up_mb, down_mb, strict=True)]
 
-        fig = Figure(figsize=(11, 4), dpi=100, layout="constrained")
+        fig = Figure(figsize=(16, 4), dpi=100, layout="constrained")
         FigureCanvasAgg(fig)
-        ax_acc, ax_bytes = fig.subplots(1, 2)
+        ax_acc, ax_bytes, ax_time = fig.subplots(1, 3)
 
-        ax_acc.plot(rounds, acc, marker="o")
+        # Rounds not evaluated (evaluate-every) are NaN: plotted through, as the points measured.
+        evaluated = [(x, a) for x, a in zip(rounds, acc, strict=True) if math.isfinite(a)]
+        ax_acc.plot([x for x, _ in evaluated], [a for _, a in evaluated], marker="o")
         ax_acc.set_title("Global accuracy")
         ax_acc.set_xlabel("round")
         ax_acc.set_ylabel("accuracy")
@@ -516,6 +541,18 @@ class ResultsWriter:
         positive = [v for v in total_mb if v > 0]
         if positive and max(positive) / min(positive) > 100:
             ax_bytes.set_yscale("log")
+
+        parts = [round_time_parts(dataclasses.asdict(r)) for r in recs]
+        bottom = [0.0] * len(recs)
+        for part, colour in (("train", "tab:blue"), ("server", "tab:orange"), ("evaluate", "tab:green")):
+            seconds = [p[part] for p in parts]
+            ax_time.bar(rounds, seconds, bottom=bottom, label=part, color=colour)
+            bottom = [b + s for b, s in zip(bottom, seconds, strict=True)]
+        ax_time.set_title("Time per round")
+        ax_time.set_xlabel("round")
+        ax_time.set_ylabel("seconds")
+        if recs:
+            ax_time.legend(loc="upper left")
 
         with atomic_file(out, "wb") as fh:
             fig.savefig(fh, format="png")

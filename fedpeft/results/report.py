@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config import with_defaults
-from fedpeft.results.records import ROUNDS_JSONL, human_bytes, read_rounds
+from fedpeft.results.records import ROUNDS_JSONL, human_bytes, read_rounds, round_time_parts
 
 #: Config keys that never tell two runs apart (where they landed, whether resumed);
 #: ``seed`` is what a group averages over.
@@ -57,6 +57,12 @@ class RunSummary:
     compression_ratio: float  # uplink: dense float32 update bytes / coded bytes
     max_epsilon: float | None
     wall_seconds: float
+    # Mean seconds per trained round by part (RoundRecord.time_split): the clients'
+    # training (with their codec work and transport), the server's own work (decoding,
+    # aggregation, its step), and evaluation (the server's and the clients').
+    train_seconds: float = math.nan
+    server_seconds: float = math.nan
+    evaluate_seconds: float = math.nan
     # The last trained round's scalar strategy metrics ("train.<key>", "evaluate.<key>").
     strategy_metrics: dict[str, float] = field(default_factory=dict)
     # The final round's task metrics besides accuracy (a causal LM's perplexity, exact match).
@@ -79,6 +85,9 @@ COLUMNS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("compression_ratio", "compression", lambda x: f"{x:.1f}x"),
     ("max_epsilon", "max epsilon", lambda x: f"{x:.2f}"),
     ("wall_seconds", "wall", lambda x: f"{x:.0f} s"),
+    ("train_seconds", "train s/round", lambda x: f"{x:.1f}"),
+    ("server_seconds", "server s/round", lambda x: f"{x:.1f}"),
+    ("evaluate_seconds", "eval s/round", lambda x: f"{x:.1f}"),
 )
 
 
@@ -116,12 +125,14 @@ def summarize(run_dir: Path, target: float = DEFAULT_TARGET) -> RunSummary:
     replies = [c["bytes_up"] for r in rounds if r["round"] > 0 for c in r.get("clients", []) if c.get("ok")]
     eps = [e for r in rounds for e in (r.get("max_epsilon"), r.get("central_epsilon")) if e is not None]
     last = rounds[-1]
+    finite = [a for a in accs if math.isfinite(a)]  # rounds not evaluated (evaluate-every) are null
+    parts = time_parts(rounds)
     return RunSummary(
         run_dir=run_dir,
         config=config,
         rounds=rounds,
         final_accuracy=accs[-1],
-        best_accuracy=max(accs),
+        best_accuracy=max(finite, default=math.nan),
         rounds_to_target=hit["round"] if hit else None,
         bytes_up=int(last["cum_bytes_up"]),
         bytes_down=int(last["cum_bytes_down"]),
@@ -130,9 +141,20 @@ def summarize(run_dir: Path, target: float = DEFAULT_TARGET) -> RunSummary:
         compression_ratio=raw / encoded if encoded else 1.0,
         max_epsilon=max(eps) if eps else None,
         wall_seconds=float(sum(r.get("wall_seconds", 0.0) for r in rounds)),
+        train_seconds=parts["train"],
+        server_seconds=parts["server"],
+        evaluate_seconds=parts["evaluate"],
         strategy_metrics=final_metrics(rounds, "strategy_metrics"),
         task_metrics=final_metrics(rounds, "metrics"),
     )
+
+
+def time_parts(rounds: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Mean seconds per trained round of each part (NaN where no round has a split)."""
+    split = [round_time_parts(r) for r in rounds if r["round"] > 0 and r.get("time_split")]
+    if not split:
+        return dict.fromkeys(("train", "server", "evaluate"), math.nan)
+    return {k: statistics.fmean(p[k] for p in split) for k in split[0]}
 
 
 def final_metrics(rounds: Sequence[dict[str, Any]], key: str) -> dict[str, float]:

@@ -14,6 +14,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord
@@ -30,7 +31,26 @@ from fedpeft.server.meter import Exchange, MeteredGrid
 from fedpeft.server.rejections import RejectionLog
 from fedpeft.tasks.base import Evaluation
 
-EvaluateFn = Callable[[ArrayRecord], Evaluation]  # arrays -> the task's loss and metrics
+# (arrays, whole test split?) -> the task's loss and metrics, and how many examples they cover
+EvaluateFn = Callable[[ArrayRecord, bool], tuple[Evaluation, int]]
+
+
+@dataclass(frozen=True)
+class EvaluationSchedule:
+    """Which rounds the server evaluates (``evaluate-every``), and on what (``evaluate-examples``).
+
+    Round 0 and the last round always; between them every ``every``-th.  Only the last
+    round is sure to use the whole test split: earlier ones may use a fixed subsample.
+    """
+
+    num_rounds: int
+    every: int = 1
+
+    def evaluates(self, server_round: int) -> bool:
+        return server_round == 0 or server_round % self.every == 0 or self.whole(server_round)
+
+    def whole(self, server_round: int) -> bool:
+        return server_round >= self.num_rounds
 
 
 class RoundRecorder:
@@ -45,6 +65,7 @@ class RoundRecorder:
         seed: int,
         num_rounds: int,
         partition_of: dict[int, int],
+        every: int = 1,
         rejections: RejectionLog | None = None,
         figures: Callable[[int], dict[str, Any]] | None = None,
         echo: Callable[[str], None] = print,
@@ -57,6 +78,7 @@ class RoundRecorder:
         self.evaluate = evaluate
         self.seed = seed
         self.num_rounds = num_rounds
+        self.schedule = EvaluationSchedule(num_rounds, every)
         self.partition_of = partition_of
         self.echo = echo
         self.rejections = rejections or RejectionLog()
@@ -85,7 +107,9 @@ class RoundRecorder:
             return None
         server_round += self.offset
         t_eval = time.perf_counter()
-        result = self.evaluate(arrays)
+        result, evaluated_on = Evaluation(math.nan, {"accuracy": math.nan}), 0
+        if self.schedule.evaluates(server_round):
+            result, evaluated_on = self.evaluate(arrays, self.schedule.whole(server_round))
         seconds_eval = time.perf_counter() - t_eval
         loss, accuracy = result.loss, result.metrics["accuracy"]
         rejected = self.rejections.drain()
@@ -106,6 +130,7 @@ class RoundRecorder:
             wall_seconds=wall,
             time_split=time_split(wall, seconds_eval, self.grid.drain_waited()),
             metrics={k: float(v) for k, v in result.metrics.items() if k != "accuracy"},
+            evaluated_on=evaluated_on,
             **(self.figures(server_round) if self.figures else {}),
         )
         self.writer.add_round(record)

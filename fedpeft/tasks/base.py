@@ -115,3 +115,14 @@ def model_outputs(
         outputs, kept = forward(module, inputs, targets)
         return outputs, kept
     return module(**inputs).logits, targets
+
+
+def first_examples(data: Examples, count: int) -> Examples:
+    """The first ``count`` of ``data`` (all of it for 0, or for examples that cannot be
+    cut: a task's examples may define ``head(count)``).  The server's test split is in a
+    seeded shuffled order, so its first examples are a fixed random subsample."""
+    head = getattr(data, "head", None)
+    if count <= 0 or count >= len(data) or head is None:
+        return data
+    part: Examples = head(count)
+    return part

@@ -24,6 +24,7 @@ OpenFedLLM and FederatedScope-LLM federate.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -66,6 +67,13 @@ class LMExamples(Encoded):
     prompts: tuple[torch.Tensor, ...] = ()
     answers: tuple[str, ...] = ()
     max_new_tokens: int = 16
+
+    def head(self, count: int) -> LMExamples:
+        """The first ``count`` rows, and the prompts among them (packed rows: the prompts
+        of the first ``count`` examples)."""
+        return dataclasses.replace(
+            super().head(count), prompts=self.prompts[:count], answers=self.answers[:count]
+        )
 
 
 class CausalLM:

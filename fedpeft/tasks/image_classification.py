@@ -16,6 +16,7 @@ No random augmentation: every client's round stays a function of the seed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,10 @@ class Pixels:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def head(self, count: int) -> Pixels:
+        """The first ``count`` images (:func:`fedpeft.tasks.base.first_examples`)."""
+        return dataclasses.replace(self, images=self.images[:count], labels=self.labels[:count])
 
     def batches(self, order: torch.Tensor, batch_size: int, device: torch.device) -> Iterator[Batch]:
         """The rows ``order`` as normalised ``pixel_values`` batches on ``device``."""

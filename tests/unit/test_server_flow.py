@@ -69,6 +69,32 @@ def test_round_records_bytes_and_results_folder(tiny_cfg):
     assert math.isfinite(r1["train_loss"]) and rounds[0]["train_loss"] is None
 
 
+def test_evaluation_every_few_rounds_on_a_subsample_and_the_last_on_everything(tiny_cfg, capsys):
+    """evaluate-every = 2 over 3 rounds: rounds 0, 2 and 3 evaluated (the last always);
+    round 1 recorded as not evaluated; every evaluation before the last on the first 6
+    test examples, the last on the whole test split; the report and the plot take it."""
+    from fedpeft.results.report import summarize
+    from fedpeft.tasks import get_task
+
+    cfg = RunConfig.from_run_config(
+        tiny_cfg.to_run_config() | {"num-rounds": 3, "evaluate-every": 2, "evaluate-examples": 6}
+    )
+    run_dir, _ = _run(cfg)
+    rounds = read_rounds(run_dir)
+    whole = len(get_task(cfg).server_test_set(cfg))
+    assert whole > 6
+    assert [r["evaluated_on"] for r in rounds] == [6, 0, 6, whole]
+    assert rounds[1]["accuracy"] is None and rounds[1]["loss"] is None and rounds[1]["metrics"] == {}
+    assert all(isinstance(rounds[i]["accuracy"], float) for i in (0, 2, 3))
+    assert rounds[1]["time_split"]["server-evaluate"] < rounds[3]["time_split"]["server-evaluate"]
+    assert "round  1/3 | not evaluated | up" in capsys.readouterr().out
+    summary = summarize(run_dir)
+    assert summary.final_accuracy == rounds[3]["accuracy"]
+    assert summary.best_accuracy == max(rounds[i]["accuracy"] for i in (0, 2, 3))
+    assert summary.train_seconds > 0 and summary.evaluate_seconds > 0 and summary.server_seconds >= 0
+    assert (run_dir / "progress.png").stat().st_size > 0
+
+
 def test_same_seed_same_rounds_different_seed_differs(tiny_cfg, tmp_path):
     a, _ = _run(tiny_cfg)
     b, _ = _run(RunConfig.from_run_config(tiny_cfg.to_run_config() | {"run-name": "again"}))
