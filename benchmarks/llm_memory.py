@@ -199,6 +199,7 @@ def main() -> None:
     parser.add_argument("--settings", default="instruct-192,benchmark,test,dinov2-224")
     parser.add_argument("--phases", default=",".join(PHASES))
     parser.add_argument("--variants", default="before,after,after-no-checkpointing")
+    parser.add_argument("--out", default="llm_memory", help="results file name (benchmarks/results/<out>.*)")
     args = parser.parse_args()
     from tests.conftest import TINY_LLM
 
@@ -236,8 +237,8 @@ def main() -> None:
 def _save(
     rows: list[dict[str, Any]], args: argparse.Namespace, results: Path, table: Any, write: Any
 ) -> None:
-    write("llm_memory", {"args": vars(args), "settings": SETTINGS, "rows": rows})
-    (results / "llm_memory.md").write_text(_report(rows, args, table) + "\n")
+    write(args.out, {"args": vars(args), "settings": SETTINGS, "rows": rows})
+    (results / f"{args.out}.md").write_text(_report(rows, args, table) + "\n")
 
 
 def _report(rows: list[dict[str, Any]], args: argparse.Namespace, table: Any) -> str:
