@@ -202,7 +202,7 @@ def build_model(
         base.config.use_cache = False
     if kind == "image-classification":
         interpolate_always(base)  # any model.image-size, for every ViT family
-    checkpointing = checkpoints_activations(cfg.model.gradient_checkpointing, kind, cfg.dp.per_example())
+    checkpointing = checkpoints_activations(cfg, kind)
     if checkpointing == "true" and base.supports_gradient_checkpointing:
         # Non-reentrant: gradients reach adapters inside checkpointed blocks even though
         # the frozen embeddings' outputs need none.
@@ -281,8 +281,8 @@ def _not_model_defaults() -> dict[str, Any]:
 def get_model(cfg: RunConfig, num_labels: int, kind: str = "sequence-classification") -> FedModel:
     """The per-process model for ``cfg`` (built on first use, then reused)."""
     key = model_key(cfg)
-    # The one model setting that depends on a field the key leaves out (dp): resolved.
-    checkpointing = checkpoints_activations(cfg.model.gradient_checkpointing, kind, cfg.dp.per_example())
+    # The one model setting that depends on fields the key leaves out (train, dp): resolved.
+    checkpointing = checkpoints_activations(cfg, kind)
     resolved = {"model": dataclasses.replace(key.model, gradient_checkpointing=checkpointing)}
     key = dataclasses.replace(key, **resolved)
     return _cached(key, num_labels, str(resolve_device(cfg.device)), kind)

@@ -66,11 +66,12 @@ class ModelConfig(Section, section="model"):
     # Dtype of the frozen backbone: "auto" is bfloat16 on a GPU that supports it, else
     # float32 (CPUs are slow in bfloat16); the trained tensors stay float32.
     dtype: str = field(default="auto", metadata=choices("auto", "float32", "bfloat16"))
-    # Recompute each layer's activations in the backward pass instead of keeping them:
-    # "auto" does so for a causal LM (SmolLM2 LoRA, batch 8 x 192 tokens: 2.5 GB peak
-    # instead of 4.3 GB, 18% more time per step; benchmarks/llm_memory), as FlowerTune's
-    # and OpenFedLLM's recipes do, except under local DP-SGD (Opacus' per-sample hooks
-    # would see each layer twice); true / false force it either way.
+    # Recompute each layer's activations in the backward pass instead of keeping them
+    # (about half again the time of a step with a frozen base, whose backward pass is one
+    # forward's worth): "auto" does so for a causal LM whose training batches hold more than
+    # CHECKPOINT_TOKENS tokens (train.batch-size x model.max-length), where activations,
+    # not the model, would fill the memory (benchmarks/llm_memory), except under local
+    # DP-SGD (Opacus' per-sample hooks would see each layer twice); true / false force it.
     gradient_checkpointing: str = field(default="auto", metadata=choices("auto", "true", "false"))
     # Images (task.name = "image-classification") are resized to image-size x image-size, a
     # multiple of the backbone's patch size; the position embeddings are interpolated to that
@@ -191,9 +192,18 @@ class AdapterConfig(Section, section="adapter"):
     activation: str = field(default="gelu", metadata=choices("gelu", "relu", "tanh"))
 
 
-def checkpoints_activations(setting: str, kind: str, per_example_dp: bool) -> str:
-    """``model.gradient-checkpointing`` resolved for a model loaded as ``kind``: "true" or
-    "false" ("auto": a causal LM trained without local DP-SGD)."""
+# Above this many tokens per training batch, "auto" checkpoints a causal LM's activations:
+# SmolLM2 LoRA at 8 x 192 = 1,536 tokens keeps ~2.1 GB of them (4.3 GB peak for the process,
+# 2.6 GB checkpointed); at 8 x 96 = 768, ~1 GB (2.8 GB peak), where recomputing costs more
+# time than the memory is worth.
+CHECKPOINT_TOKENS = 1024
+
+
+def checkpoints_activations(run: Any, kind: str) -> str:
+    """``model.gradient-checkpointing`` of run config ``run`` resolved for a model loaded
+    as ``kind``: "true" or "false" (see :data:`CHECKPOINT_TOKENS` for "auto")."""
+    setting = run.model.gradient_checkpointing
     if setting != "auto":
-        return setting
-    return "true" if kind == "causal-lm" and not per_example_dp else "false"
+        return str(setting)
+    long_batches = run.train.batch_size * run.model.max_length > CHECKPOINT_TOKENS
+    return "true" if kind == "causal-lm" and long_batches and not run.dp.per_example() else "false"

@@ -156,3 +156,20 @@ def test_every_section_knows_its_key_prefix():
     for key, (owner, _) in config_schema().items():
         if key.count(".") < 2:  # codec.<name>.<key>: the codec's own settings, checked by CodecConfig
             assert owner._section == key.rpartition(".")[0], key
+
+
+def test_gradient_checkpointing_auto_is_for_long_llm_batches_without_local_dp():
+    from fedpeft.models.settings import checkpoints_activations
+
+    def resolved(kind="causal-lm", **sets):
+        return checkpoints_activations(RunConfig.from_run_config(sets), kind)
+
+    long = {"train.batch-size": 8, "model.max-length": 192}
+    assert resolved(**long) == "true"
+    assert resolved(**{"train.batch-size": 8, "model.max-length": 96}) == "false"
+    assert resolved("image-classification", **long) == "false"
+    assert resolved(**long, **{"dp.mode": "local"}) == "false"  # Opacus' hooks would see layers twice
+    assert resolved(**{"model.gradient-checkpointing": True}) == "true"  # a TOML boolean is accepted
+    assert resolved(**long, **{"model.gradient-checkpointing": "false"}) == "false"
+    with pytest.raises(ConfigError, match="gradient-checkpointing.*local DP-SGD"):
+        RunConfig.from_run_config({"model.gradient-checkpointing": True, "dp.mode": "local"})
