@@ -88,7 +88,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "data.max-test-examples": 128,
         "num-clients": 5,
         "peft.method": "lora",
-        "lora.target-modules": "query,value",
         "train.batch-size": 8,
         "train.max-steps": 3,
         "min-train-clients": 1,
