@@ -52,7 +52,6 @@ VISION = {
     "data.dataset": "fashion-mnist",
     "data.max-examples": 2000,
     "data.max-test-examples": 500,
-    "lora.target-modules": "query,value",
     "train.batch-size": 32,
     "train.max-steps": 8,
     "min-train-clients": 1,
