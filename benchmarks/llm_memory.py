@@ -271,7 +271,7 @@ def _report(rows: list[dict[str, Any]], args: argparse.Namespace, table: Any) ->
                 row["setting"],
                 row["phase"],
                 row["variant"],
-                f"{row['peak_mb'] / 1024:.2f} GB{ratio(row, 'peak_mb')}",
+                f"{row['peak_mb'] / 1024:.2f} GiB{ratio(row, 'peak_mb')}",
                 f"{row.get(seconds[0], 0):.2f} {seconds[1]}{ratio(row, seconds[0])}"
                 + (f", eval {row['evaluate_s']:.1f} s" if row["phase"] == "train+evaluate" else ""),
                 quality,
