@@ -285,6 +285,7 @@ class Launch:
     def save(self, run_dir: Path) -> None:
         import json
 
+        run_dir.mkdir(parents=True, exist_ok=True)  # before the ServerApp writes anything there
         (run_dir / LAUNCH_FILE).write_text(json.dumps(dataclasses.asdict(self)) + "\n")
 
     @classmethod

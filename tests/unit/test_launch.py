@@ -83,6 +83,8 @@ def test_ray_workers_get_the_drivers_priority_unless_the_user_says_otherwise(mon
 def test_a_resumed_run_continues_on_the_engine_and_threads_it_started_with(tmp_path, capsys):
     default = Launch("ray", 1)
     assert _resumed_launch(tmp_path, None, default) == default  # a run from before launches were kept
+    Launch("inprocess", 2).save(tmp_path / "not-yet")  # written before the results folder exists
+    assert Launch.load(tmp_path / "not-yet") == Launch("inprocess", 2)
     Launch("inprocess", 2).save(tmp_path)
     assert Launch.load(tmp_path) == Launch("inprocess", 2)
     assert _resumed_launch(tmp_path, None, default) == Launch("inprocess", 2)
