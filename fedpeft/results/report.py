@@ -375,6 +375,8 @@ def curve(group: Group, x: str) -> tuple[list[float], list[float], list[float], 
     xs, mean, lo, hi = [], [], [], []
     for i in range(n):
         accs = [_num(r.rounds[i].get("accuracy")) for r in group.runs]
+        if not all(math.isfinite(a) for a in accs):  # a round not evaluated (evaluate-every)
+            continue
         if x == "round":
             xs.append(float(group.runs[0].rounds[i]["round"]))
         else:

@@ -93,6 +93,10 @@ def test_evaluation_every_few_rounds_on_a_subsample_and_the_last_on_everything(t
     assert summary.best_accuracy == max(rounds[i]["accuracy"] for i in (0, 2, 3))
     assert summary.train_seconds > 0 and summary.evaluate_seconds > 0 and summary.server_seconds >= 0
     assert (run_dir / "progress.png").stat().st_size > 0
+    from fedpeft.results.report import Group, curve
+
+    xs, mean, _, _ = curve(Group("g", {}, [summary]), "round")
+    assert xs == [0.0, 2.0, 3.0] and all(math.isfinite(m) for m in mean)  # round 1 left out
 
 
 def test_same_seed_same_rounds_different_seed_differs(tiny_cfg, tmp_path):
