@@ -59,33 +59,33 @@ def describe_nodes(grid: Grid, cfg: RunConfig) -> dict[int, dict[str, float]]:
                 f"connect-timeout={cfg.connect_timeout} s"
             )
         time.sleep(0.2)
-    # In batches: with 10,000 virtual nodes, all queries and replies in flight at once set the
+    # In batches, each batch's replies reduced to their metrics before the next is asked:
+    # with 10,000 virtual nodes, all queries and replies in flight or kept at once set the
     # server's peak memory (benchmarks/scale.py), which the allocator then keeps.
-    replies: list[Message] = []
+    described: dict[int, dict[str, float]] = {}
     for start in range(0, len(nodes), DISCOVERY_BATCH):
         ask = [
             Message(RecordDict({"config": ConfigRecord()}), node, "query.describe")
             for node in nodes[start : start + DISCOVERY_BATCH]
         ]
-        replies += grid.send_and_receive(ask, timeout=max(deadline - time.monotonic(), 1.0))
-    described: dict[int, dict[str, float]] = {}
-    for reply in replies:
-        if reply.has_error():
-            raise ClientDiscoveryError(
-                f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}"
-            )
-        metrics = reply.content.metric_records[METRICS_KEY]
-        if _int(metrics, "num-partitions") != cfg.num_clients:
-            raise ClientDiscoveryError(
-                f"nodes were started with num-partitions={metrics['num-partitions']} but the run config "
-                f"says num-clients={cfg.num_clients}; start as many SuperNodes as num-clients"
-            )
-        described[reply.metadata.src_node_id] = {
-            k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))
-        }
+        for reply in grid.send_and_receive(ask, timeout=max(deadline - time.monotonic(), 1.0)):
+            described[reply.metadata.src_node_id] = _described(reply, cfg)
     if len(described) < cfg.num_clients:
         raise ClientDiscoveryError(f"only {len(described)} of {cfg.num_clients} nodes answered discovery")
     return described
+
+
+def _described(reply: Message, cfg: RunConfig) -> dict[str, float]:
+    """The scalar metrics of one node's ``query.describe`` reply, checked."""
+    if reply.has_error():
+        raise ClientDiscoveryError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
+    metrics = reply.content.metric_records[METRICS_KEY]
+    if _int(metrics, "num-partitions") != cfg.num_clients:
+        raise ClientDiscoveryError(
+            f"nodes were started with num-partitions={metrics['num-partitions']} but the run config "
+            f"says num-clients={cfg.num_clients}; start as many SuperNodes as num-clients"
+        )
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def _int(metrics: MetricRecord, key: str) -> int:
