@@ -215,6 +215,7 @@ def main() -> None:
     ap.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--results-dir", default="", help=argparse.SUPPRESS)
     ap.add_argument("--keep", action="store_true", help="keep the runs' results folders (printed)")
+    ap.add_argument("--out", default="scale", help="results file name (benchmarks/results/<out>.*)")
     args = ap.parse_args()
     if args.one:
         run_point(args.one, args, args.results_dir)
@@ -225,7 +226,7 @@ def main() -> None:
     for total in totals:
         print(f"=== {total} virtual clients, {SAMPLED} per round", flush=True)
         points.append(measure(total, args, tmp))
-        write("scale", {"partial": True, "points": points})  # kept if a later point does not finish
+        write(args.out, {"partial": True, "points": points})  # kept if a later point does not finish
         print(
             json.dumps({k: v for k, v in points[-1].items() if not k.endswith("by_round_bytes")}), flush=True
         )
@@ -266,9 +267,9 @@ def main() -> None:
     print(text)
     settings = {k: v for k, v in vars(args).items() if k not in ("one", "results_dir")}
     settings["sampled_per_round"] = SAMPLED
-    write("scale", {"settings": settings, "points": points})
+    write(args.out, {"settings": settings, "points": points})
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "scale.md").write_text(
+    (RESULTS / f"{args.out}.md").write_text(
         "# Scale: per-round cost vs total virtual clients\n\n"
         f"Command: `python -m benchmarks.scale --totals {args.totals} --rounds {args.rounds} "
         f"--steps {args.steps}`; {SAMPLED} clients sampled per round, ComPEFT with error feedback, "
