@@ -13,13 +13,16 @@ OpenFedLLM and FederatedScope-LLM federate.
   nor the response.  ``lm.packing`` packs several examples into each row.
 * **Loss** -- next-token cross-entropy on the response tokens only (the prompt is
   context, not target), averaged per example and then over the batch: each example (the
-  unit DP-SGD clips) weighs the same whatever its length.
+  unit DP-SGD clips) weighs the same whatever its length.  The output layer runs on those
+  tokens only, in chunks (:func:`score`, :mod:`fedpeft.models.output_layer`): no logits
+  over the vocabulary at prompt positions, in training or evaluation.
 * **Metrics** -- on the server's held-out examples every round: ``perplexity`` (exp of the
   mean negative log-likelihood per response token), ``token_accuracy`` (greedy next-token
   accuracy on them) and, from greedy generation on the first ``lm.generate-examples``
   prompts, ``exact_match`` (the answer equals the reference, case, surrounding blanks and
   end punctuation aside).  The round's ``accuracy`` is that exact match (token accuracy
-  when ``lm.generate-examples = 0``).
+  when ``lm.generate-examples = 0``).  The answered examples' references are scored on
+  the key-value cache of their greedy answers (:func:`answer_and_score`).
 """
 
 from __future__ import annotations
