@@ -105,9 +105,9 @@ ROUNDS_CSV_COLUMNS: tuple[str, ...] = (
     "central_epsilon",
     "step_scale",
     "time_split",  # seconds by part of the round: a JSON object
+    "evaluated_on",
     "metrics",  # the task's metrics besides accuracy (perplexity, exact match, ...): a JSON object
     "strategy_metrics",  # a JSON object per row
-    "evaluated_on",
 )
 
 
