@@ -59,9 +59,9 @@ def describe_nodes(grid: Grid, cfg: RunConfig) -> dict[int, dict[str, float]]:
                 f"connect-timeout={cfg.connect_timeout} s"
             )
         time.sleep(0.2)
-    # In batches, each batch's replies reduced to their metrics before the next is asked:
-    # with 10,000 virtual nodes, all queries and replies in flight or kept at once set the
-    # server's peak memory (benchmarks/scale.py), which the allocator then keeps.
+    # In batches, each batch's replies reduced to their metrics before the next is asked, so
+    # that at most one batch of messages is alive at a time (with 10,000 virtual nodes, all
+    # queries in flight at once raised the driver's peak memory: benchmarks/scale.py).
     described: dict[int, dict[str, float]] = {}
     for start in range(0, len(nodes), DISCOVERY_BATCH):
         ask = [
