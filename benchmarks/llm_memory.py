@@ -147,16 +147,10 @@ def worker(phase: str, overrides: dict[str, Any], results_dir: str) -> dict[str,
 
 
 def _round(overrides: dict[str, Any], results_dir: str) -> dict[str, Any]:
-    from fedpeft.apps import client_app
-    from fedpeft.apps.server_app import run_server
-    from fedpeft.config import RunConfig
-    from fedpeft.results.records import read_rounds
-    from fedpeft.running.inprocess import DirectGrid
+    # The code under test's own benchmarks._common (first on the path, like its fedpeft).
+    from benchmarks._common import run_inprocess
 
-    cfg = RunConfig.from_run_config(
-        overrides | {"num-rounds": 1, "results-dir": results_dir, "run-name": "round"}
-    )
-    rounds = read_rounds(run_server(DirectGrid(client_app.app, cfg.num_clients, cfg.to_run_config()), cfg))
+    _, rounds, _ = run_inprocess(overrides | {"num-rounds": 1}, results_dir, "round")
     return {
         "base_seconds": rounds[0]["wall_seconds"],
         "round_seconds": rounds[1]["wall_seconds"],

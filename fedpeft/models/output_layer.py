@@ -103,8 +103,7 @@ def token_nll(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(negative log-likelihood [N] in float32, greedy hit [N] bool) of ``targets`` [N]
     under ``head(hidden)`` for hidden states [N, H], a chunk of logits at a time."""
-    bias = head.bias if head.bias is not None else None
-    nll, hits = _ChunkedNLL.apply(hidden, head.weight, bias, targets)
+    nll, hits = _ChunkedNLL.apply(hidden, head.weight, head.bias, targets)
     return nll, hits
 
 

@@ -242,10 +242,11 @@ TIME_PARTS = {
 }
 
 
-def round_time_parts(record: dict[str, Any]) -> dict[str, float]:
-    """One round's seconds as (train, server, evaluate); an unknown part counts as the server's."""
+def round_time_parts(time_split: Mapping[str, float]) -> dict[str, float]:
+    """One round's seconds (its ``time_split``) as (train, server, evaluate); an unknown
+    part counts as the server's."""
     parts = dict.fromkeys(("train", "server", "evaluate"), 0.0)
-    for name, seconds in (record.get("time_split") or {}).items():
+    for name, seconds in time_split.items():
         parts[TIME_PARTS.get(name, "server")] += float(seconds)
     return parts
 
@@ -542,7 +543,7 @@ class ResultsWriter:
         if positive and max(positive) / min(positive) > 100:
             ax_bytes.set_yscale("log")
 
-        parts = [round_time_parts(dataclasses.asdict(r)) for r in recs]
+        parts = [round_time_parts(r.time_split) for r in recs]
         bottom = [0.0] * len(recs)
         for part, colour in (("train", "tab:blue"), ("server", "tab:orange"), ("evaluate", "tab:green")):
             seconds = [p[part] for p in parts]

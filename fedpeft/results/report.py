@@ -151,7 +151,7 @@ def summarize(run_dir: Path, target: float = DEFAULT_TARGET) -> RunSummary:
 
 def time_parts(rounds: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Mean seconds per trained round of each part (NaN where no round has a split)."""
-    split = [round_time_parts(r) for r in rounds if r["round"] > 0 and r.get("time_split")]
+    split = [round_time_parts(r["time_split"]) for r in rounds if r["round"] > 0 and r.get("time_split")]
     if not split:
         return dict.fromkeys(("train", "server", "evaluate"), math.nan)
     return {k: statistics.fmean(p[k] for p in split) for k in split[0]}
